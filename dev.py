@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""The two commands of xrates, for a fresh machine with nothing but Python 3.11+.
+
+    python3 dev.py up      # embedded PostgreSQL + updater (demo source) + API on :8000 and :8001
+    python3 dev.py test    # the whole test suite (real PostgreSQL, real processes)
+
+Both create `.venv` on first use and install the pinned dependencies into it
+(re-installing only when a requirements file changes), then run the real thing
+inside it. Extra arguments after `test` go to pytest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / "bin" / "python"
+STAMP = VENV / ".xrates-requirements"
+
+
+def _requirements_digest() -> str:
+    digest = hashlib.sha256()
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the pinned requirements unless already current."""
+    if sys.version_info < (3, 11):
+        sys.exit("xrates needs Python 3.11 or newer")
+    wanted = _requirements_digest()
+    if PYTHON.exists() and STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not PYTHON.exists():
+        print("dev.py: creating .venv", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("dev.py: installing pinned dependencies into .venv", flush=True)
+    subprocess.run(
+        [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "-r", str(ROOT / "requirements-dev.txt"), "-c", str(ROOT / "constraints.txt")],
+        check=True,
+    )
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "help"
+    if command not in ("up", "test"):
+        print(__doc__)
+        return 0 if command in ("help", "-h", "--help") else 2
+    ensure_venv()
+    os.chdir(ROOT)
+    if command == "up":
+        args = [str(PYTHON), "util.py", "up", *argv[1:]]
+    else:
+        args = [str(PYTHON), "-m", "pytest", *argv[1:]]
+    os.execv(args[0], args)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
