@@ -1,0 +1,145 @@
+"""The cache policy of one API instance: pure, no I/O, driven by model.py.
+
+Rules (SPEC §5):
+- An entry is replaced only by a strictly higher version; deletes leave versioned tombstones.
+- A fill (a value read from the database on a miss) is dropped if any change for its key,
+  or a flush, was applied after the read began — even if the newer entry was evicted since.
+- While the listener is not proven alive the cache is disabled: reads bypass it, and it is
+  flushed before it is trusted again.
+- The LRU never holds more than ``max_size`` entries (tombstones included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from boltons.cacheutils import LRU
+
+# Version of a negative entry from a read that found no row: any real change outranks it.
+ABSENT_VERSION = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A cached state of one key. ``value`` is None for a deleted/absent key (tombstone)."""
+
+    version: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class FillToken:
+    """Handed out when a miss starts its database read; returned with the result."""
+
+    key: str
+    epoch: int
+    tick: int
+
+
+class RateCache:
+    """Versioned LRU with fill protection. Not thread-safe: one event loop drives it."""
+
+    def __init__(self, max_size: int) -> None:
+        if max_size < 0:
+            raise ValueError("max_size must be >= 0")
+        self.max_size = max_size
+        self._lru: LRU | None = LRU(max_size=max_size) if max_size > 0 else None
+        self._enabled = False
+        self._epoch = 0  # bumped by every flush: fills begun before it are void
+        self._tick = 0  # bumped by every applied change
+        # key -> [readers in flight, tick of the last change applied to the key]
+        self._inflight: dict[str, list[int]] = {}
+        self.applied = 0
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        """True while lookups may be served from the cache (listener proven alive)."""
+        return self._enabled and self._lru is not None
+
+    def __len__(self) -> int:
+        return len(self._lru) if self._lru is not None else 0
+
+    def enable(self) -> None:
+        """The listener is (re-)LISTENing and proven alive: flush, then trust the cache."""
+        self.flush()
+        self._enabled = True
+
+    def disable(self) -> None:
+        """The listener is down: notifications may be missed from now on."""
+        self._enabled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Forget every entry and void every fill in flight."""
+        if self._lru is not None:
+            self._lru.clear()
+        self._epoch += 1
+        self._tick += 1
+
+    # -- reads -------------------------------------------------------------------------
+    def lookup(self, key: str) -> Entry | None:
+        """The cached entry for ``key`` (a tombstone is an entry too), or None on a miss."""
+        if not self._enabled or self._lru is None:
+            return None
+        return self._lru.get(key)
+
+    def begin_fill(self, key: str) -> FillToken:
+        """Register a database read of ``key`` that is about to start."""
+        record = self._inflight.get(key)
+        if record is None:
+            self._inflight[key] = [1, 0]
+        else:
+            record[0] += 1
+        return FillToken(key, self._epoch, self._tick)
+
+    def finish_fill(self, token: FillToken, version: int, value: Any) -> bool:
+        """Offer the read's result; returns True if it was cached.
+
+        ``version`` is the row's version, or ABSENT_VERSION with value None when the read
+        found no row (a negative entry, cached only under the same proof as any fill).
+        """
+        touched = self._release(token.key)
+        if (
+            touched > token.tick
+            or token.epoch != self._epoch
+            or not self._enabled
+            or self._lru is None
+        ):
+            return False
+        current = self._lru.get(token.key)
+        if current is not None and current.version >= version:
+            return False
+        self._lru[token.key] = Entry(version, value)
+        return True
+
+    def cancel_fill(self, token: FillToken) -> None:
+        """The read failed or was cancelled: just stop tracking it."""
+        self._release(token.key)
+
+    def _release(self, key: str) -> int:
+        record = self._inflight[key]
+        record[0] -= 1
+        if record[0] == 0:
+            del self._inflight[key]
+        return record[1]
+
+    # -- changes -----------------------------------------------------------------------
+    def apply(self, key: str, version: int, value: Any) -> bool:
+        """Apply a committed change (a notification, or this instance's own write).
+
+        ``value`` None means deleted. Returns True if the cache changed.
+        """
+        self._tick += 1
+        record = self._inflight.get(key)
+        if record is not None:
+            record[1] = self._tick
+        self.applied += 1
+        if not self._enabled or self._lru is None:
+            return False
+        current = self._lru.get(key)
+        if current is not None and current.version >= version:
+            return False
+        self._lru[key] = Entry(version, value)
+        return True

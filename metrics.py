@@ -1,0 +1,100 @@
+"""Prometheus metrics of an API instance, aggregated over its worker processes.
+
+The hot path only bumps plain integers on model.Store; ``WorkerMetrics`` copies them into
+the (multiprocess, mmap-backed) Prometheus values once a second and before each scrape,
+so a cache hit pays no metrics I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+CACHE_HITS = Counter("xrates_cache_hits", "GETs of one rate served from the LRU")
+CACHE_MISSES = Counter("xrates_cache_misses", "GETs of one rate read from the database, then cached")
+CACHE_BYPASSES = Counter("xrates_cache_bypasses", "GETs of one rate read from the database "
+                         "without caching (listener down or cache off)")
+NOTIFICATIONS = Counter("xrates_notifications_applied", "Changed rows applied from NOTIFY payloads")
+LISTENER_RECONNECTS = Counter("xrates_listener_reconnects", "Listener reconnect attempts")
+REQUEST_LATENCY = Histogram(
+    "xrates_request_duration_seconds", "Request handling time", ["route", "status"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+             1.0, 2.5),
+)
+
+
+def observe_request(route: str, status: int, seconds: float) -> None:
+    REQUEST_LATENCY.labels(route, str(status)).observe(seconds)
+
+
+def render() -> tuple[bytes, str]:
+    """The metrics text: every worker's values when multiprocess mode is on."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class WorkerMetrics:
+    """Copies one worker's plain counters into the Prometheus values.
+
+    The gauges are created here, in workers only: in multiprocess mode every process that
+    creates a gauge writes a value file, and a Sanic manager process's 0 would spoil the
+    min/sum over workers.
+    """
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.cache_size = Gauge("xrates_cache_size", "Entries in the LRU (tombstones "
+                                "included), summed over workers", multiprocess_mode="livesum")
+        self.listener_connected = Gauge("xrates_listener_connected", "1 if every worker's "
+                                        "listener is connected and proven alive",
+                                        multiprocess_mode="livemin")
+        self._seen = {"hits": 0, "misses": 0, "bypasses": 0, "notifications_applied": 0,
+                      "reconnects": 0}
+        self._task: asyncio.Task | None = None
+
+    def start(self, period_s: float = 1.0) -> None:
+        async def loop() -> None:
+            while True:
+                self.sync()
+                await asyncio.sleep(period_s)
+
+        self._task = asyncio.get_running_loop().create_task(loop(), name="xrates-metrics")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            with contextlib.suppress(Exception):  # a gone worker must not count as live
+                _multiprocess.mark_process_dead(os.getpid())
+
+    def _delta(self, name: str, now: int) -> int:
+        delta = now - self._seen[name]
+        self._seen[name] = now
+        return delta
+
+    def sync(self) -> None:
+        store = self.store
+        listener = store.listener
+        CACHE_HITS.inc(self._delta("hits", store.hits))
+        CACHE_MISSES.inc(self._delta("misses", store.misses))
+        CACHE_BYPASSES.inc(self._delta("bypasses", store.bypasses))
+        NOTIFICATIONS.inc(self._delta("notifications_applied", store.notifications_applied))
+        reconnects = listener.reconnects if listener is not None else 0
+        LISTENER_RECONNECTS.inc(self._delta("reconnects", reconnects))
+        self.cache_size.set(len(store.cache))
+        self.listener_connected.set(1 if store.listener_connected else 0)

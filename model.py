@@ -1,0 +1,344 @@
+"""Every SQL statement of xrates, and the cache policy that model.Store drives.
+
+Handlers (sanic_app.py) and the updater call functions here; they never build SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+import util
+from cache import ABSENT_VERSION, RateCache
+
+log = logging.getLogger("xrates.model")
+
+CHANNEL = "xrates"  # must equal xrates_channel() in triggers.sql (tested)
+RUNS_CHANNEL = "xrates_runs"
+
+HIT, MISS, BYPASS = "hit", "miss", "bypass"
+
+# ----------------------------------------------------------------------------- SQL
+_RATE_COLUMNS = "base, quote, rate::text AS rate, source, as_of, updated_at, version"
+
+SELECT_RATE = f"SELECT {_RATE_COLUMNS} FROM rate WHERE base = $1 AND quote = $2"
+SELECT_RATES = (
+    f"SELECT {_RATE_COLUMNS} FROM rate "
+    "WHERE ($1::text IS NULL OR base = $1) AND ($2::text IS NULL OR quote = $2) "
+    "ORDER BY base, quote"
+)
+SELECT_RATES_TOUCHING = (
+    f"SELECT {_RATE_COLUMNS} FROM rate "
+    "WHERE base = ANY($1::text[]) OR quote = ANY($1::text[])"
+)
+INSERT_RATE = (
+    "INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1, $2, $3, $4, $5) "
+    f"RETURNING {_RATE_COLUMNS}"
+)
+UPSERT_RATE = (
+    "INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1, $2, $3, $4, $5) "
+    "ON CONFLICT (base, quote) DO UPDATE "
+    "SET rate = EXCLUDED.rate, source = EXCLUDED.source, as_of = EXCLUDED.as_of "
+    f"RETURNING {_RATE_COLUMNS}, (xmax = 0) AS created"
+)
+DELETE_RATE = "SELECT rate_delete($1, $2)"  # returns the tombstone's version, or NULL
+NOTIFY = "SELECT pg_notify($1, $2)"
+PING = "SELECT 1"
+
+_RUN_COLUMNS = (
+    "id, status, trigger, requested, progress_done, progress_total, sources::text AS sources, "
+    "created_at, started_at, finished_at, error"
+)
+INSERT_MANUAL_RUN = (
+    "INSERT INTO update_run (trigger, requested) VALUES ('manual', $1) "
+    f"RETURNING {_RUN_COLUMNS}"
+)
+SELECT_RUN = f"SELECT {_RUN_COLUMNS} FROM update_run WHERE id = $1"
+SELECT_RUNS = (
+    f"SELECT {_RUN_COLUMNS} FROM update_run "
+    "WHERE ($2::text IS NULL OR status = $2) ORDER BY id DESC LIMIT $1"
+)
+
+
+# ----------------------------------------------------------------------------- errors
+class XratesError(Exception):
+    """Base of the errors a client can cause or must be told about (mapped to HTTP)."""
+
+    status = 500
+
+
+class NotFound(XratesError):
+    status = 404
+
+
+class Conflict(XratesError):
+    status = 409
+
+
+class Unavailable(XratesError):
+    """The database is unreachable or a call exceeded its timeout: 503, never a hang."""
+
+    status = 503
+
+
+# Connection-level failures: the database (or the path to it) is down or overloaded.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.ConnectionFailureError,
+)
+
+
+# ----------------------------------------------------------------------------- values
+def iso(ts: datetime) -> str:
+    """One canonical text for timestamps, whatever produced them: UTC ISO 8601."""
+    return ts.astimezone(UTC).isoformat()
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """One rate as served: fields plus its pre-encoded JSON body and ETag."""
+
+    base: str
+    quote: str
+    rate: str  # the exact decimal text, as stored
+    source: str
+    as_of: str
+    updated_at: str
+    version: int
+    body: bytes
+    etag: str
+
+    @property
+    def decimal(self) -> Decimal:
+        return Decimal(self.rate)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base, "quote": self.quote, "rate": Decimal(self.rate),
+            "source": self.source, "as_of": self.as_of, "updated_at": self.updated_at,
+            "version": self.version,
+        }
+
+
+def make_rate(base: str, quote: str, rate: str, source: str, as_of: str, updated_at: str,
+              version: int) -> Rate:
+    """Build a Rate and encode its body once (the hit path only copies bytes)."""
+    body = (
+        f'{{"base":"{base}","quote":"{quote}","rate":{rate},"source":{json.dumps(source)},'
+        f'"as_of":"{as_of}","updated_at":"{updated_at}","version":{version}}}'
+    ).encode()
+    return Rate(base, quote, rate, source, as_of, updated_at, version, body, f'"{version}"')
+
+
+def rate_from_record(rec: asyncpg.Record) -> Rate:
+    return make_rate(rec["base"], rec["quote"], rec["rate"], rec["source"], iso(rec["as_of"]),
+                     iso(rec["updated_at"]), rec["version"])
+
+
+def rate_from_notification(row: list) -> Rate:
+    key, version, rate, source, as_of, updated_at = row
+    return make_rate(key[:3], key[3:], rate, source, iso(datetime.fromisoformat(as_of)),
+                     iso(datetime.fromisoformat(updated_at)), version)
+
+
+def run_from_record(rec: asyncpg.Record) -> dict[str, Any]:
+    """An update run as the API shows it."""
+    def ts(value: datetime | None) -> str | None:
+        return iso(value) if value is not None else None
+
+    return {
+        "id": rec["id"],
+        "status": rec["status"],
+        "trigger": rec["trigger"],
+        "requested": list(rec["requested"]) if rec["requested"] is not None else None,
+        "progress": {"done": rec["progress_done"], "total": rec["progress_total"]},
+        "sources": json.loads(rec["sources"]),
+        "created_at": ts(rec["created_at"]),
+        "started_at": ts(rec["started_at"]),
+        "finished_at": ts(rec["finished_at"]),
+        "error": rec["error"],
+    }
+
+
+# ----------------------------------------------------------------------------- store
+class Store:
+    """The rate store of one API instance: pool, listener and cache, driven together."""
+
+    def __init__(self, settings: util.Settings) -> None:
+        self.settings = settings
+        self.cache = RateCache(settings.cache_size)
+        self.pool: asyncpg.Pool | None = None
+        self.listener: util.Listener | None = None
+        self.timeout_s = settings.db_timeout_s
+        self.hits = self.misses = self.bypasses = 0
+        self.notifications_applied = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self, url: str) -> None:
+        """Pool first, then the listener (which enables the cache once proven alive)."""
+        self.pool = await util.create_pool(url, self.settings)
+        if self.settings.auto_migrate:
+            async with self.pool.acquire() as conn:
+                await util.apply_schema(conn)
+        # The listener runs even with the cache off: /ready reports on it.
+        self.listener = util.Listener(
+            url, CHANNEL, self.apply_payload, self.cache.enable, self._listener_down,
+            self._send_notify, self.settings.heartbeat_s, self.settings.heartbeat_timeout_s,
+        )
+        self.listener.start()
+
+    async def close(self) -> None:
+        """Listener first (it uses the pool for heartbeats), then the pool."""
+        if self.listener is not None:
+            await self.listener.close()
+        if self.pool is not None:
+            try:
+                await asyncio.wait_for(self.pool.close(), self.timeout_s * 2)
+            except (TimeoutError, *_UNAVAILABLE):
+                self.pool.terminate()
+        log.info("event=store_closed")
+
+    def _listener_down(self, _reason: str) -> None:
+        self.cache.disable()
+
+    async def _send_notify(self, channel: str, payload: str) -> None:
+        await self._execute(NOTIFY, channel, payload)
+
+    # -- notifications (synchronous: called from the listener's callback) -------------
+    def apply_payload(self, payload: str) -> None:
+        """Apply one notification payload from triggers.sql to the cache."""
+        message = json.loads(payload)
+        op = message["op"]
+        cache = self.cache
+        if op == "u":
+            rows = message["rows"]
+            for row in rows:
+                cache.apply(row[0], row[1], rate_from_notification(row))
+        elif op == "d":
+            rows = message["rows"]
+            for key, version in rows:
+                cache.apply(key, version, None)
+        elif op == "flush":
+            rows = ()
+            cache.flush()
+        else:
+            raise ValueError(f"unknown notification op {op!r}")
+        self.notifications_applied += len(rows)
+
+    # -- database calls -----------------------------------------------------------------
+    async def _call(self, method: str, sql: str, *args: Any) -> Any:
+        """Run one statement on a pooled connection, bounded by the database timeout."""
+        if self.pool is None:
+            raise Unavailable("database not connected yet")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self.pool.acquire() as conn:
+                    return await getattr(conn, method)(sql, *args)
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            raise Conflict("rate already exists") from exc
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self._call("fetchrow", sql, *args)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._call("fetch", sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        return await self._call("execute", sql, *args)
+
+    async def ping(self) -> None:
+        await self._call("fetchval", PING)
+
+    # -- reads --------------------------------------------------------------------------
+    async def get_rate(self, base: str, quote: str) -> tuple[Rate | None, str]:
+        """The current rate of a pair (None if absent) and how it was served."""
+        cache = self.cache
+        if not cache.enabled:
+            self.bypasses += 1
+            return await self._read_rate(base, quote), BYPASS
+        key = base + quote
+        entry = cache.lookup(key)
+        if entry is not None:
+            self.hits += 1
+            return entry.value, HIT
+        token = cache.begin_fill(key)
+        try:
+            rate = await self._read_rate(base, quote)
+        except BaseException:
+            cache.cancel_fill(token)
+            raise
+        cache.finish_fill(token, rate.version if rate else ABSENT_VERSION, rate)
+        self.misses += 1
+        return rate, MISS
+
+    async def _read_rate(self, base: str, quote: str) -> Rate | None:
+        rec = await self._fetchrow(SELECT_RATE, base, quote)
+        return rate_from_record(rec) if rec is not None else None
+
+    async def list_rates(self, base: str | None, quote: str | None) -> list[Rate]:
+        return [rate_from_record(r) for r in await self._fetch(SELECT_RATES, base, quote)]
+
+    async def rates_touching(self, codes: Sequence[str]) -> list[Rate]:
+        """Every stored rate whose base or quote is one of ``codes`` (for pivots)."""
+        return [rate_from_record(r) for r in await self._fetch(SELECT_RATES_TOUCHING, list(codes))]
+
+    # -- writes (each applied to this instance's cache at once: read your own writes) ---
+    async def create_rate(self, base: str, quote: str, rate: Decimal, source: str,
+                          as_of: datetime) -> Rate:
+        rec = await self._fetchrow(INSERT_RATE, base, quote, rate, source, as_of)
+        return self._applied(rate_from_record(rec))
+
+    async def put_rate(self, base: str, quote: str, rate: Decimal, source: str,
+                       as_of: datetime) -> tuple[Rate, bool]:
+        """Upsert; returns the stored rate and whether it was created."""
+        rec = await self._fetchrow(UPSERT_RATE, base, quote, rate, source, as_of)
+        return self._applied(rate_from_record(rec)), rec["created"]
+
+    async def delete_rate(self, base: str, quote: str) -> None:
+        version = await self._call("fetchval", DELETE_RATE, base, quote)
+        if version is None:
+            raise NotFound(f"no rate for {base}/{quote}")
+        self.cache.apply(base + quote, version, None)
+
+    def _applied(self, rate: Rate) -> Rate:
+        self.cache.apply(rate.base + rate.quote, rate.version, rate)
+        return rate
+
+    # -- update runs --------------------------------------------------------------------
+    async def queue_run(self, sources: list[str] | None) -> dict[str, Any]:
+        return run_from_record(await self._fetchrow(INSERT_MANUAL_RUN, sources))
+
+    async def get_run(self, run_id: int) -> dict[str, Any]:
+        rec = await self._fetchrow(SELECT_RUN, run_id)
+        if rec is None:
+            raise NotFound(f"no update run {run_id}")
+        return run_from_record(rec)
+
+    async def list_runs(self, limit: int, status: str | None) -> list[dict[str, Any]]:
+        return [run_from_record(r) for r in await self._fetch(SELECT_RUNS, limit, status)]
+
+    # -- health -------------------------------------------------------------------------
+    @property
+    def listener_connected(self) -> bool:
+        return self.listener is not None and self.listener.connected

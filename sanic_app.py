@@ -1,0 +1,695 @@
+"""HTTP only: routes, request validation, response shaping, app lifecycle. No SQL.
+
+    python sanic_app.py --host 127.0.0.1 --port 8000 [--workers N]
+
+Each worker is an independent cache + listener (model.Store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Context, Decimal
+from typing import Any
+
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse
+from sanic_ext import Extend, openapi
+
+import metrics
+import model
+import util
+
+log = logging.getLogger("xrates.api")
+
+SETTINGS = util.settings_or_exit()
+util.setup_logging(SETTINGS)
+
+MAX_BODY_BYTES = 64 * 1024
+JSON_TYPE = "application/json"
+RATE_MIN = Decimal("1e-12")
+RATE_MAX = Decimal("1e12")
+MAX_SIGNIFICANT = 15
+RUN_STATUSES = ("queued", "running", "succeeded", "failed")
+PIVOT_FIRST = ("EUR", "USD")
+
+_CODE = re.compile(r"[A-Za-z]{3}\Z")
+_DECIMAL_TEXT = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)\Z")
+_SOURCE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
+_WIDE = Context(prec=60, rounding=ROUND_HALF_EVEN)  # intermediate precision for convert
+_RESULT = Context(prec=MAX_SIGNIFICANT, rounding=ROUND_HALF_EVEN)
+
+
+# ----------------------------------------------------------------------------- errors
+class ApiError(model.XratesError):
+    """A client error with its HTTP status; rendered as {"error": message}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def invalid(field: str, what: str) -> ApiError:
+    return ApiError(422, f"{field}: {what}")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> HTTPResponse:
+    body = json.dumps({"error": message}).encode()
+    return HTTPResponse(body, status=status, content_type=JSON_TYPE,
+                        headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None,
+                  cache_control: str = "no-store") -> HTTPResponse:
+    body = json.dumps(data, separators=(",", ":")).encode()
+    return HTTPResponse(body, status=status, content_type=JSON_TYPE,
+                        headers={"Cache-Control": cache_control, **(headers or {})})
+
+
+# ----------------------------------------------------------------------------- validation
+class _NonFinite:
+    """Stands for NaN/Infinity in a body, so the field gets a clear 422."""
+
+
+def parse_code(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not _CODE.match(value):
+        raise invalid(field, "must be a three-letter currency code")
+    return value.upper()
+
+
+def parse_pair(base: Any, quote: Any) -> tuple[str, str]:
+    base, quote = parse_code(base, "base"), parse_code(quote, "quote")
+    if base == quote:
+        raise invalid("quote", "must differ from base")
+    return base, quote
+
+
+def parse_decimal(value: Any, field: str) -> Decimal:
+    """A rate or amount: a JSON number or plain decimal string within the SPEC §3 rules."""
+    if isinstance(value, _NonFinite):
+        raise invalid(field, "must be finite")
+    if isinstance(value, Decimal):
+        number = value
+    elif isinstance(value, str) and len(value) <= 64 and _DECIMAL_TEXT.match(value):
+        number = Decimal(value)
+    else:
+        raise invalid(field, "must be a number or a plain decimal string like \"1.0832\"")
+    if not number.is_finite():
+        raise invalid(field, "must be finite")
+    if not RATE_MIN <= number < RATE_MAX:
+        raise invalid(field, "must be at least 1e-12 and below 1e12")
+    digits = number.as_tuple().digits
+    significant = len(digits) - (len(digits) - len("".join(map(str, digits)).rstrip("0")))
+    if significant > MAX_SIGNIFICANT:
+        raise invalid(field, f"has more than {MAX_SIGNIFICANT} significant digits")
+    return number
+
+
+def parse_source(value: Any) -> str:
+    if not isinstance(value, str) or not _SOURCE.match(value):
+        raise invalid("source", "must be 1-32 characters of a-z, 0-9, _ or -, starting with a letter")
+    return value
+
+
+def parse_as_of(value: Any) -> datetime:
+    if not isinstance(value, str) or len(value) > 64:
+        raise invalid("as_of", "must be an ISO 8601 date or date-time string")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise invalid("as_of", "must be an ISO 8601 date or date-time string") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if moment.year < 1900 or moment > datetime.now(UTC) + timedelta(days=1):
+        raise invalid("as_of", "must be after 1900 and not in the future")
+    return moment
+
+
+def read_json_object(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object (415/400 otherwise). Numbers become Decimals."""
+    if optional and not request.body:
+        return {}
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != JSON_TYPE:
+        raise ApiError(415, "body must be sent with Content-Type: application/json")
+    try:
+        data = json.loads(request.body, parse_float=Decimal, parse_int=Decimal,
+                          parse_constant=lambda _name: _NonFinite())
+    except (ValueError, RecursionError):
+        raise ApiError(400, "body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return data
+
+
+def check_fields(data: dict[str, Any], allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    for name in data:
+        if name not in allowed:
+            raise invalid(str(name)[:40], f"unknown field (allowed: {', '.join(allowed)})")
+    for name in required:
+        if name not in data:
+            raise invalid(name, "is required")
+
+
+def parse_rate_body(data: dict[str, Any]) -> tuple[Decimal, str, datetime]:
+    rate = parse_decimal(data["rate"], "rate")
+    source = parse_source(data["source"]) if "source" in data else "manual"
+    as_of = parse_as_of(data["as_of"]) if "as_of" in data else datetime.now(UTC)
+    return rate, source, as_of
+
+
+def query_arg(request: Request, name: str) -> str | None:
+    values = request.args.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise invalid(name, "given more than once")
+    return values[0]
+
+
+# ----------------------------------------------------------------------------- authorisation
+def _is_loopback(ip: str) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def authorise_write(request: Request) -> None:
+    """SPEC §2: a token when configured (constant-time compare), else loopback peers only."""
+    token = SETTINGS.api_token
+    if token:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 token.encode()):
+            raise ApiError(401, "missing or wrong bearer token")
+        return
+    if not _is_loopback(request.ip):
+        raise ApiError(403, "writes are accepted only from loopback clients when "
+                            "XRATES_API_TOKEN is not set")
+
+
+# ----------------------------------------------------------------------------- app
+app = Sanic("xrates")
+app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
+app.config.FALLBACK_ERROR_FORMAT = "json"
+app.config.CORS = False  # ours: reads only (see cors_headers)
+app.config.OAS_URL_PREFIX = "/docs"
+app.config.OAS_UI_DEFAULT = "swagger"
+app.config.OAS_IGNORE_OPTIONS = True
+app.config.OAS_IGNORE_HEAD = True
+app.config.MOTD = False
+app.config.KEEP_ALIVE_TIMEOUT = 30
+Extend(app)
+app.ext.openapi.describe(
+    "xrates",
+    version="0.1.0",
+    description="Currency exchange rates served from a LISTEN/NOTIFY-refreshed cache.",
+)
+
+READ_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
+    "Access-Control-Allow-Headers": "If-None-Match",
+    "Access-Control-Expose-Headers": "ETag, X-Cache",
+    "Access-Control-Max-Age": "600",
+}
+
+
+@app.before_server_start
+async def start_store(app: Sanic) -> None:
+    store = model.Store(SETTINGS)
+    await store.start(os.environ.get("DATABASE_URL") or util.database_url(SETTINGS))
+    app.ctx.store = store
+    app.ctx.metrics = metrics.WorkerMetrics(store)
+    app.ctx.metrics.start()
+
+
+@app.after_server_stop
+async def stop_store(app: Sanic) -> None:
+    app.ctx.metrics.stop()
+    await app.ctx.store.close()
+
+
+@app.on_request
+async def preflight(request: Request) -> HTTPResponse | None:
+    request.ctx.t0 = time.perf_counter()
+    if request.method == "OPTIONS":
+        # CORS preflight: reads only. A write preflight gets no grant for its method.
+        return HTTPResponse(status=204, headers={**READ_CORS, "Cache-Control": "no-store"})
+    return None
+
+
+@app.on_response
+async def common_headers(request: Request, response: HTTPResponse) -> None:
+    headers = response.headers
+    if "cache-control" not in headers:
+        headers["Cache-Control"] = "no-store"
+    if request.method in ("GET", "HEAD"):
+        headers["Access-Control-Allow-Origin"] = "*"
+        headers["Access-Control-Expose-Headers"] = "ETag, X-Cache"
+    t0 = getattr(request.ctx, "t0", None)
+    if t0 is not None:
+        route = request.route.name if request.route else "unmatched"
+        metrics.observe_request(route, response.status, time.perf_counter() - t0)
+
+
+@app.exception(model.XratesError)
+async def on_xrates_error(request: Request, exc: model.XratesError) -> HTTPResponse:
+    if exc.status >= 500:
+        log.warning("event=request_failed status=%d path=%s error=%r", exc.status,
+                    request.path, str(exc))
+    return error_response(exc.status, str(exc))
+
+
+@app.exception(SanicException)
+async def on_sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
+    status = exc.status_code
+    if status >= 500:
+        log.error("event=server_error status=%d path=%s", status, request.path, exc_info=exc)
+        return error_response(status, "internal server error")
+    message = {
+        400: "malformed request",
+        404: "no such route",
+        405: f"method {request.method} not allowed here",
+        413: f"body larger than {MAX_BODY_BYTES} bytes",
+    }.get(status, str(exc) or "request error")
+    headers = dict(exc.headers or {})
+    return error_response(status, message, headers)
+
+
+@app.exception(Exception)
+async def on_unexpected(request: Request, exc: Exception) -> HTTPResponse:
+    # Unexpected stays a 500 (logged with its traceback); never disguised as a 4xx.
+    log.error("event=server_error status=500 path=%s", request.path, exc_info=exc)
+    return error_response(500, "internal server error")
+
+
+def store_of(request: Request) -> model.Store:
+    return request.app.ctx.store
+
+
+def rate_headers(rate: model.Rate, how: str) -> dict[str, str]:
+    return {"ETag": rate.etag, "X-Cache": how, "Cache-Control": "no-cache"}
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
+
+
+# ----------------------------------------------------------------------------- schemas (OpenAPI)
+RATE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "base": {"type": "string", "example": "USD"},
+        "quote": {"type": "string", "example": "EUR"},
+        "rate": {"type": "number", "example": 0.9213},
+        "source": {"type": "string", "example": "ecb"},
+        "as_of": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "version": {"type": "integer"},
+    },
+}
+DECIMAL_IN = {"oneOf": [{"type": "number"}, {"type": "string", "pattern": r"^[0-9]*\.?[0-9]*$"}]}
+RATE_WRITE_FIELDS = {
+    "rate": DECIMAL_IN,
+    "source": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$", "default": "manual"},
+    "as_of": {"type": "string", "format": "date-time"},
+}
+RATE_CREATE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["base", "quote", "rate"],
+    "properties": {"base": {"type": "string"}, "quote": {"type": "string"}, **RATE_WRITE_FIELDS},
+}
+RATE_PUT_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["rate"],
+    "properties": RATE_WRITE_FIELDS,
+}
+ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}}
+RUN_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "status": {"type": "string", "enum": list(RUN_STATUSES)},
+        "trigger": {"type": "string", "enum": ["schedule", "manual"]},
+        "progress": {"type": "object", "properties": {"done": {"type": "integer"},
+                                                      "total": {"type": "integer"}}},
+        "sources": {"type": "object"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": {"type": "string", "format": "date-time", "nullable": True},
+        "finished_at": {"type": "string", "format": "date-time", "nullable": True},
+        "error": {"type": "string", "nullable": True},
+    },
+}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {JSON_TYPE: {"schema": schema}}
+
+
+def _responses(*pairs: tuple[int, str, dict[str, Any] | None]) -> list[openapi.definitions.Response]:
+    return [
+        openapi.definitions.Response(_json_content(schema or ERROR_SCHEMA), status=status,
+                                     description=description)
+        for status, description, schema in pairs
+    ]
+
+
+_ERRORS_READ = ((422, "invalid code or parameter", None), (503, "database unavailable", None))
+_ERRORS_WRITE = (
+    (400, "malformed JSON", None), (401, "missing or wrong token", None),
+    (403, "not loopback and no token configured", None), (413, "body over 64 KiB", None),
+    (415, "not application/json", None), (422, "invalid field", None),
+    (503, "database unavailable", None),
+)
+
+
+def _path_params(*names: str) -> list[openapi.definitions.Parameter]:
+    return [openapi.definitions.Parameter(name, str, location="path", required=True)
+            for name in names]
+
+
+def _query_params(*names: str) -> list[openapi.definitions.Parameter]:
+    return [openapi.definitions.Parameter(name, str, location="query") for name in names]
+
+
+# ----------------------------------------------------------------------------- routes: rates
+@app.get("/v1/rates/<base:str>/<quote:str>", name="rate_get")
+@openapi.definition(
+    summary="One rate (served from the instance's cache)",
+    parameter=_path_params("base", "quote"),
+    response=_responses((200, "the rate", RATE_SCHEMA), (304, "not modified (If-None-Match)", {}),
+                        (404, "no such rate", None), *_ERRORS_READ),
+)
+async def rate_get(request: Request, base: str, quote: str) -> HTTPResponse:
+    base, quote = parse_pair(base, quote)
+    rate, how = await store_of(request).get_rate(base, quote)
+    if rate is None:
+        return error_response(404, f"no rate for {base}/{quote}", {"X-Cache": how})
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and etag_matches(if_none_match, rate.etag):
+        return HTTPResponse(status=304, headers=rate_headers(rate, how))
+    return HTTPResponse(rate.body, status=200, headers=rate_headers(rate, how),
+                        content_type=JSON_TYPE)
+
+
+@app.get("/v1/rates", name="rates_list")
+@openapi.definition(
+    summary="All rates, optionally filtered (read from the database)",
+    parameter=_query_params("base", "quote"),
+    response=_responses((200, "rates ordered by base, quote", {
+        "type": "object", "properties": {"rates": {"type": "array", "items": RATE_SCHEMA},
+                                         "count": {"type": "integer"}}}), *_ERRORS_READ),
+)
+async def rates_list(request: Request) -> HTTPResponse:
+    base, quote = query_arg(request, "base"), query_arg(request, "quote")
+    base = parse_code(base, "base") if base is not None else None
+    quote = parse_code(quote, "quote") if quote is not None else None
+    rates = await store_of(request).list_rates(base, quote)
+    body = b'{"rates":[' + b",".join(r.body for r in rates) + b'],"count":%d}' % len(rates)
+    return HTTPResponse(body, content_type=JSON_TYPE, headers={"Cache-Control": "no-cache"})
+
+
+@app.post("/v1/rates", name="rate_create")
+@openapi.definition(
+    summary="Create a rate (409 if the pair exists)",
+    body=_json_content(RATE_CREATE_SCHEMA),
+    response=_responses((201, "created", RATE_SCHEMA), (409, "the pair exists", None),
+                        *_ERRORS_WRITE),
+)
+async def rate_create(request: Request) -> HTTPResponse:
+    authorise_write(request)
+    data = read_json_object(request)
+    check_fields(data, ("base", "quote", "rate", "source", "as_of"), ("base", "quote", "rate"))
+    base, quote = parse_pair(data["base"], data["quote"])
+    rate, source, as_of = parse_rate_body(data)
+    stored = await store_of(request).create_rate(base, quote, rate, source, as_of)
+    headers = {**rate_headers(stored, model.BYPASS), "Location": f"/v1/rates/{base}/{quote}"}
+    del headers["X-Cache"]
+    return HTTPResponse(stored.body, status=201, headers=headers, content_type=JSON_TYPE)
+
+
+@app.put("/v1/rates/<base:str>/<quote:str>", name="rate_put")
+@openapi.definition(
+    summary="Create or replace a rate",
+    parameter=_path_params("base", "quote"),
+    body=_json_content(RATE_PUT_SCHEMA),
+    response=_responses((200, "updated", RATE_SCHEMA), (201, "created", RATE_SCHEMA),
+                        *_ERRORS_WRITE),
+)
+async def rate_put(request: Request, base: str, quote: str) -> HTTPResponse:
+    authorise_write(request)
+    base, quote = parse_pair(base, quote)
+    data = read_json_object(request)
+    check_fields(data, ("rate", "source", "as_of", "base", "quote"), ("rate",))
+    for field, expected in (("base", base), ("quote", quote)):
+        if field in data and parse_code(data[field], field) != expected:
+            raise invalid(field, "does not match the path")
+    rate, source, as_of = parse_rate_body(data)
+    stored, created = await store_of(request).put_rate(base, quote, rate, source, as_of)
+    headers = {"ETag": stored.etag, "Cache-Control": "no-cache"}
+    if created:
+        headers["Location"] = f"/v1/rates/{base}/{quote}"
+    return HTTPResponse(stored.body, status=201 if created else 200, headers=headers,
+                        content_type=JSON_TYPE)
+
+
+@app.delete("/v1/rates/<base:str>/<quote:str>", name="rate_delete")
+@openapi.definition(
+    summary="Delete a rate",
+    parameter=_path_params("base", "quote"),
+    response=_responses((204, "deleted", {}), (404, "no such rate", None), *_ERRORS_WRITE),
+)
+async def rate_delete(request: Request, base: str, quote: str) -> HTTPResponse:
+    authorise_write(request)
+    base, quote = parse_pair(base, quote)
+    await store_of(request).delete_rate(base, quote)
+    return HTTPResponse(status=204)
+
+
+# ----------------------------------------------------------------------------- routes: convert
+def _leg(rates: dict[tuple[str, str], Decimal], a: str, b: str) -> Decimal | None:
+    """Price of one a in b: direct, else the inverse of b→a."""
+    if (a, b) in rates:
+        return rates[(a, b)]
+    if (b, a) in rates:
+        return _WIDE.divide(1, rates[(b, a)])
+    return None
+
+
+def find_path(rates: dict[tuple[str, str], Decimal], src: str, dst: str
+              ) -> tuple[Decimal, list[str]] | None:
+    """Direct, then inverse, then one pivot (EUR, USD, then the others A–Z)."""
+    direct = _leg(rates, src, dst)
+    if direct is not None:
+        return direct, []
+    neighbours = {c for pair in rates for c in pair if src in pair or dst in pair} - {src, dst}
+    ordered = [p for p in PIVOT_FIRST if p in neighbours]
+    ordered += sorted(neighbours - set(PIVOT_FIRST))
+    for pivot in ordered:
+        first, second = _leg(rates, src, pivot), _leg(rates, pivot, dst)
+        if first is not None and second is not None:
+            return _WIDE.multiply(first, second), [pivot]
+    return None
+
+
+def plain(number: Decimal) -> str:
+    """Round once to 15 significant digits, half-even; as a JSON number without exponent."""
+    return format(_RESULT.plus(number).normalize(_RESULT), "f")
+
+
+@app.get("/v1/convert", name="convert")
+@openapi.definition(
+    summary="Convert an amount: direct, inverse, or through one pivot currency",
+    parameter=_query_params("from", "to", "amount"),
+    response=_responses((200, "the conversion", {
+        "type": "object", "properties": {
+            "from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "number"},
+            "rate": {"type": "number"}, "result": {"type": "number"},
+            "via": {"type": "array", "items": {"type": "string"}}}}),
+        (404, "no path between the currencies", None), *_ERRORS_READ),
+)
+async def convert(request: Request) -> HTTPResponse:
+    src, dst = query_arg(request, "from"), query_arg(request, "to")
+    if src is None:
+        raise invalid("from", "is required")
+    if dst is None:
+        raise invalid("to", "is required")
+    src, dst = parse_code(src, "from"), parse_code(dst, "to")
+    if src == dst:
+        raise invalid("to", "must differ from from")
+    raw_amount = query_arg(request, "amount")
+    amount = parse_decimal(raw_amount, "amount") if raw_amount is not None else Decimal(1)
+    store = store_of(request)
+    path = await _cached_path(store, src, dst)
+    if path is None:
+        rates = {(r.base, r.quote): r.decimal for r in await store.rates_touching([src, dst])}
+        path = find_path(rates, src, dst)
+    if path is None:
+        raise ApiError(404, f"no rate path from {src} to {dst} (direct, inverse or one pivot)")
+    rate, via = path
+    # Built by hand: the numbers are exact decimal literals, which json.dumps cannot write.
+    body = (
+        f'{{"from":"{src}","to":"{dst}","amount":{plain(amount)},"rate":{plain(rate)},'
+        f'"result":{plain(_WIDE.multiply(amount, rate))},"via":{json.dumps(via)}}}'
+    ).encode()
+    return HTTPResponse(body, content_type=JSON_TYPE, headers={"Cache-Control": "no-cache"})
+
+
+async def _cached_path(store: model.Store, src: str, dst: str) -> tuple[Decimal, list[str]] | None:
+    """Direct or inverse through the cache; None sends the caller to the pivot search."""
+    direct, _ = await store.get_rate(src, dst)
+    if direct is not None:
+        return direct.decimal, []
+    inverse, _ = await store.get_rate(dst, src)
+    if inverse is not None:
+        return _WIDE.divide(1, inverse.decimal), []
+    return None
+
+
+# ----------------------------------------------------------------------------- routes: updates
+@app.post("/v1/updates", name="updates_create")
+@openapi.definition(
+    summary="Ask the updater to run now (all configured sources, or the ones named)",
+    body=_json_content({"type": "object", "additionalProperties": False, "properties": {
+        "sources": {"type": "array", "items": {"type": "string"}}}}),
+    response=_responses((202, "queued", {"type": "object", "properties": {
+        "id": {"type": "integer"}, "status": {"type": "string"}}}), *_ERRORS_WRITE),
+)
+async def updates_create(request: Request) -> HTTPResponse:
+    authorise_write(request)
+    data = read_json_object(request, optional=True)
+    check_fields(data, ("sources",), ())
+    sources = data.get("sources")
+    if sources is not None:
+        if not isinstance(sources, list) or not sources or len(sources) > 20:
+            raise invalid("sources", "must be a non-empty list of source names")
+        for name in sources:
+            if not isinstance(name, str) or name.lower() not in util.KNOWN_SOURCES:
+                raise invalid("sources", f"unknown source {str(name)[:40]!r}; known: "
+                                         f"{', '.join(util.KNOWN_SOURCES)}")
+        sources = list(dict.fromkeys(name.lower() for name in sources))
+    run = await store_of(request).queue_run(sources)
+    return json_response({"id": run["id"], "status": run["status"]}, status=202,
+                         headers={"Location": f"/v1/updates/{run['id']}"})
+
+
+@app.get("/v1/updates", name="updates_list")
+@openapi.definition(
+    summary="Update runs, newest first",
+    parameter=_query_params("limit", "status"),
+    response=_responses((200, "runs", {"type": "object", "properties": {
+        "updates": {"type": "array", "items": RUN_SCHEMA}}}), *_ERRORS_READ),
+)
+async def updates_list(request: Request) -> HTTPResponse:
+    raw_limit, status = query_arg(request, "limit"), query_arg(request, "status")
+    limit = 20
+    if raw_limit is not None:
+        if not raw_limit.isascii() or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+            raise invalid("limit", "must be an integer from 1 to 100")
+        limit = int(raw_limit)
+    if status is not None and status not in RUN_STATUSES:
+        raise invalid("status", f"must be one of {', '.join(RUN_STATUSES)}")
+    runs = await store_of(request).list_runs(limit, status)
+    return json_response({"updates": runs})
+
+
+@app.get("/v1/updates/<run_id:str>", name="updates_get")
+@openapi.definition(
+    summary="One update run with its progress",
+    parameter=_path_params("run_id"),
+    response=_responses((200, "the run", RUN_SCHEMA), (404, "no such run", None), *_ERRORS_READ),
+)
+async def updates_get(request: Request, run_id: str) -> HTTPResponse:
+    if not run_id.isascii() or not run_id.isdigit() or len(run_id) > 18:
+        raise invalid("id", "must be a positive integer")
+    return json_response(await store_of(request).get_run(int(run_id)))
+
+
+# ----------------------------------------------------------------------------- routes: ops
+HEALTH_BODY = b'{"status":"ok"}'
+
+
+@app.get("/health", name="health")
+@openapi.definition(summary="Liveness (constant, no I/O)",
+                    response=_responses((200, "alive", {"type": "object"})))
+async def health(request: Request) -> HTTPResponse:
+    return HTTPResponse(HEALTH_BODY, content_type=JSON_TYPE)
+
+
+@app.get("/ready", name="ready")
+@openapi.definition(
+    summary="Readiness: the database answers and the listener is connected",
+    response=_responses((200, "ready", {"type": "object"}), (503, "not ready", None)),
+)
+async def ready(request: Request) -> HTTPResponse:
+    store = store_of(request)
+    if not store.listener_connected:
+        return error_response(503, "listener not connected")
+    try:
+        await store.ping()
+    except model.Unavailable:
+        return error_response(503, "database unavailable")
+    return json_response({"status": "ready"})
+
+
+@app.get("/metrics", name="metrics")
+@openapi.definition(summary="Prometheus metrics, aggregated over this instance's workers",
+                    response=[openapi.definitions.Response(
+                        {"text/plain": {"schema": {"type": "string"}}}, status=200,
+                        description="Prometheus text format")])
+async def metrics_route(request: Request) -> HTTPResponse:
+    request.app.ctx.metrics.sync()
+    body, content_type = metrics.render()
+    return HTTPResponse(body, content_type=content_type)
+
+
+@app.get("/openapi.json", name="openapi_json")
+@openapi.exclude()
+async def openapi_json(request: Request) -> HTTPResponse:
+    from sanic_ext.extensions.openapi.builders import SpecificationBuilder
+
+    return json_response(SpecificationBuilder().build(request.app).serialize())
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python sanic_app.py", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        print("xrates: configuration error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    # Resolve the database once, here: workers must not race to start an embedded server.
+    os.environ["DATABASE_URL"] = util.database_url(SETTINGS)
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        directory = tempfile.mkdtemp(prefix="xrates-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    log.info("event=api_start host=%s port=%d workers=%d settings=%r", args.host, args.port,
+             args.workers, SETTINGS)
+    app.run(host=args.host, port=args.port, workers=args.workers,
+            access_log=SETTINGS.access_log, single_process=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Test harness: a real PostgreSQL (embedded, started here), a template database per
+session with a fresh copy per test, and real API processes on free ports that are
+stopped by PID. Conditions are awaited with deadlines, never with bare sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import util  # noqa: E402
+
+TEMPLATE_DB = "xrates_template"
+_db_counter = itertools.count()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout_s: float = 10.0,
+                   interval_s: float = 0.02, what: str = "condition") -> Any:
+    """Poll an async predicate until it returns a truthy value, or fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        last = await predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last={last!r}")
+        await asyncio.sleep(interval_s)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[util.EmbeddedPostgres]:
+    server = util.EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", durable=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
+
+
+def _db_url(server: util.EmbeddedPostgres, name: str) -> str:
+    return f"postgresql://postgres@127.0.0.1:{server.port}/{name}"
+
+
+@pytest.fixture(scope="session")
+async def template(pg: util.EmbeddedPostgres) -> str:
+    conn = await asyncpg.connect(pg.url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
+        await conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    finally:
+        await conn.close()
+    await util.migrate(_db_url(pg, TEMPLATE_DB))
+    return TEMPLATE_DB
+
+
+async def fresh_database(pg: util.EmbeddedPostgres, template: str) -> str:
+    """A new database copied from the migrated template; its URL."""
+    name = f"xrates_test_{os.getpid()}_{next(_db_counter)}"
+    conn = await asyncpg.connect(pg.url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    finally:
+        await conn.close()
+    return _db_url(pg, name)
+
+
+@pytest.fixture
+async def db_url(pg: util.EmbeddedPostgres, template: str) -> str:
+    return await fresh_database(pg, template)
+
+
+@pytest.fixture
+async def sql(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test's database (writes 'straight through SQL')."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+# --------------------------------------------------------------------------- API processes
+FAST_HEARTBEAT = {"XRATES_HEARTBEAT_INTERVAL": "0.2", "XRATES_HEARTBEAT_TIMEOUT": "1.0"}
+
+
+class ApiProcess:
+    """One real `python sanic_app.py` instance on a free port."""
+
+    def __init__(self, db_url: str, log_dir: Path, env: dict[str, str] | None = None,
+                 workers: int = 1, host: str = "127.0.0.1") -> None:
+        self.port = util.free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"api-{self.port}.log"
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
+        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        environment.update({"DATABASE_URL": db_url, "XRATES_AUTO_MIGRATE": "0",
+                            "XRATES_ACCESS_LOG": "0", **FAST_HEARTBEAT, **(env or {})})
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "sanic_app.py", "--host", host, "--port", str(self.port),
+             "--workers", str(workers)],
+            cwd=ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.client = httpx.AsyncClient(base_url=self.base_url, timeout=10.0)
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        async def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"API exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return (await self.client.get("/ready")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(ready, timeout_s, 0.05, f"{self.base_url}/ready")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def stop(self) -> None:
+        await self.client.aclose()
+        if self.proc.poll() is None:
+            # Exactly the process group we started (start_new_session), by its PID.
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def server_errors(self) -> list[str]:
+        return [line for line in self.log().splitlines()
+                if "status=500" in line or "Traceback" in line or "event=server_error" in line]
+
+
+@pytest.fixture
+async def start_api(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ApiProcess]]]:
+    """Factory: `api = await start_api(db_url, env={...})`; stopped (by PID) after the test,
+    which fails if any instance logged a server error."""
+    started: list[ApiProcess] = []
+
+    async def start(db_url: str, env: dict[str, str] | None = None, workers: int = 1,
+                    wait: bool = True, host: str = "127.0.0.1") -> ApiProcess:
+        api = ApiProcess(db_url, tmp_path, env, workers, host)
+        started.append(api)
+        if wait:
+            await api.wait_ready()
+        return api
+
+    try:
+        yield start
+    finally:
+        errors = []
+        for api in started:
+            await api.stop()
+            errors += api.server_errors()
+        assert not errors, "server errors logged:\n" + "\n".join(errors)

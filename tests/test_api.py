@@ -1,0 +1,262 @@
+"""The HTTP contract of SPEC §4 against a real API process and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import asyncpg
+import httpx
+import pytest
+from conftest import ApiProcess, fresh_database
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+async def shared(pg, template, tmp_path_factory) -> AsyncIterator[tuple[ApiProcess, str]]:
+    """One instance and database for the whole module (tests clean up the pairs they use)."""
+    url = await fresh_database(pg, template)
+    api = ApiProcess(url, tmp_path_factory.mktemp("api"))
+    try:
+        await api.wait_ready()
+        yield api, url
+    finally:
+        await api.stop()
+        errors = api.server_errors()
+        assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+async def api(shared) -> AsyncIterator[httpx.AsyncClient]:
+    process, url = shared
+    yield process.client
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DELETE FROM rate")
+        await conn.execute("DELETE FROM update_run")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(shared) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(shared[1])
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def put(client: httpx.AsyncClient, base: str, quote: str, rate, **extra) -> httpx.Response:
+    return await client.put(f"/v1/rates/{base}/{quote}", json={"rate": rate, **extra})
+
+
+# --------------------------------------------------------------------------- CRUD
+async def test_create_read_update_delete_round_trip(api: httpx.AsyncClient) -> None:
+    created = await api.post("/v1/rates", json={"base": "usd", "quote": "eur", "rate": "0.9213"})
+    assert created.status_code == 201
+    assert created.headers["location"] == "/v1/rates/USD/EUR"
+    body = created.json()
+    assert (body["base"], body["quote"], body["source"]) == ("USD", "EUR", "manual")
+    assert created.headers["etag"] == f'"{body["version"]}"'
+
+    read = await api.get("/v1/rates/usd/EUR")
+    assert read.status_code == 200
+    assert read.json() == body
+    assert read.headers["x-cache"] == "hit"  # read-your-own-write: already cached
+    assert read.headers["cache-control"] == "no-cache"
+
+    again = await api.post("/v1/rates", json={"base": "USD", "quote": "EUR", "rate": 1})
+    assert again.status_code == 409
+    assert "error" in again.json()
+
+    updated = await put(api, "USD", "EUR", 0.95, source="ecb", as_of="2026-11-20")
+    assert updated.status_code == 200
+    assert updated.json()["version"] > body["version"]
+    assert updated.json()["as_of"] == "2026-11-20T00:00:00+00:00"
+    assert updated.json()["source"] == "ecb"
+
+    deleted = await api.delete("/v1/rates/USD/EUR")
+    assert deleted.status_code == 204
+    gone = await api.get("/v1/rates/USD/EUR")
+    assert gone.status_code == 404
+    assert gone.headers["cache-control"] == "no-store"
+    assert (await api.delete("/v1/rates/USD/EUR")).status_code == 404
+
+
+async def test_put_creates_then_updates(api: httpx.AsyncClient) -> None:
+    first = await put(api, "GBP", "USD", "1.27")
+    assert first.status_code == 201
+    assert first.headers["location"] == "/v1/rates/GBP/USD"
+    second = await put(api, "GBP", "USD", "1.28")
+    assert second.status_code == 200
+    assert second.json()["rate"] == 1.28
+
+
+async def test_exact_decimals_round_trip(api: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    cases = {"AAA": "0.1", "BBB": "0.300000000000004", "CCC": "0.85620",
+             "DDD": "0.000000000001", "EEE": "999999999999.999"}
+    for base, text in cases.items():
+        assert (await put(api, base, "XXX", text)).status_code == 201
+    for base, text in cases.items():
+        response = await api.get(f"/v1/rates/{base}/XXX")
+        raw = response.text
+        assert f'"rate":{text},' in raw, raw
+        assert json.loads(raw, parse_float=Decimal)["rate"] == Decimal(text)
+        assert await db.fetchval("SELECT rate::text FROM rate WHERE base = $1", base) == text
+    # a JSON number is kept exactly too (no float on the way)
+    response = await api.put("/v1/rates/FFF/XXX", content=b'{"rate": 0.300000000000004}',
+                             headers=JSON)
+    assert '"rate":0.300000000000004,' in response.text
+
+
+async def test_list_filters_and_order(api: httpx.AsyncClient) -> None:
+    for base, quote in [("USD", "JPY"), ("EUR", "USD"), ("EUR", "GBP"), ("USD", "EUR")]:
+        await put(api, base, quote, "1.5")
+    everything = (await api.get("/v1/rates")).json()
+    assert everything["count"] == 4
+    assert [(r["base"], r["quote"]) for r in everything["rates"]] == [
+        ("EUR", "GBP"), ("EUR", "USD"), ("USD", "EUR"), ("USD", "JPY")]
+    by_base = (await api.get("/v1/rates", params={"base": "eur"})).json()
+    assert [(r["base"], r["quote"]) for r in by_base["rates"]] == [("EUR", "GBP"), ("EUR", "USD")]
+    both = (await api.get("/v1/rates", params={"base": "USD", "quote": "EUR"})).json()
+    assert both["count"] == 1
+    assert (await api.get("/v1/rates", params={"base": "EURO"})).status_code == 422
+
+
+async def test_etag_and_if_none_match(api: httpx.AsyncClient) -> None:
+    etag = (await put(api, "CHF", "EUR", "1.05")).headers["etag"]
+    not_modified = await api.get("/v1/rates/CHF/EUR", headers={"If-None-Match": etag})
+    assert not_modified.status_code == 304
+    assert not_modified.content == b""
+    assert not_modified.headers["etag"] == etag
+    assert (await api.get("/v1/rates/CHF/EUR", headers={"If-None-Match": '"0"'})).status_code == 200
+    await put(api, "CHF", "EUR", "1.06")
+    changed = await api.get("/v1/rates/CHF/EUR", headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["etag"] != etag
+
+
+async def test_x_cache_miss_then_hit(api: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    # Written straight through SQL: the notification puts it in the cache (push refresh)...
+    await db.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
+                     "VALUES ('SEK', 'NOK', 0.98, 'manual', now())")
+    # ...and an absent key is a miss first, then a cached negative result.
+    first = await api.get("/v1/rates/PLN/CZK")
+    assert (first.status_code, first.headers["x-cache"]) == (404, "miss")
+    second = await api.get("/v1/rates/PLN/CZK")
+    assert (second.status_code, second.headers["x-cache"]) == (404, "hit")
+
+
+# --------------------------------------------------------------------------- convert
+async def test_convert_direct_inverse_and_pivot(api: httpx.AsyncClient) -> None:
+    await put(api, "EUR", "USD", "1.08")
+    await put(api, "EUR", "GBP", "0.85")
+    await put(api, "USD", "JPY", "150")
+    direct = (await api.get("/v1/convert", params={"from": "EUR", "to": "USD", "amount": "10"})
+              ).json()
+    assert direct == {"from": "EUR", "to": "USD", "amount": 10, "rate": 1.08, "result": 10.8,
+                      "via": []}
+    inverse = await api.get("/v1/convert", params={"from": "usd", "to": "eur", "amount": "1.08"})
+    body = json.loads(inverse.text, parse_float=Decimal)
+    assert body["rate"] == Decimal("0.925925925925926")  # 1/1.08 to 15 significant digits
+    assert body["result"] == Decimal("1")  # rounded once at the end, not twice
+    assert body["via"] == []
+    pivot = json.loads((await api.get("/v1/convert", params={"from": "GBP", "to": "USD"})).text,
+                       parse_float=Decimal)
+    assert pivot["via"] == ["EUR"]
+    assert pivot["rate"] == Decimal("1.27058823529412")  # 1.08 / 0.85, half-even
+    two_legs = json.loads((await api.get("/v1/convert", params={"from": "EUR", "to": "JPY"})).text,
+                          parse_float=Decimal)
+    assert two_legs["via"] == ["USD"]
+    assert two_legs["rate"] == Decimal("162")
+    missing = await api.get("/v1/convert", params={"from": "GBP", "to": "AUD"})
+    assert missing.status_code == 404
+    assert "error" in missing.json()
+
+
+async def test_convert_prefers_eur_then_usd_then_alphabetical(api: httpx.AsyncClient) -> None:
+    # AAA→BBB is reachable through CHF, USD and EUR: EUR must win.
+    for pivot in ("CHF", "USD", "EUR"):
+        await put(api, "AAA", pivot, "2")
+        await put(api, pivot, "BBB", "3")
+    body = (await api.get("/v1/convert", params={"from": "AAA", "to": "BBB"})).json()
+    assert body["via"] == ["EUR"]
+    await api.delete("/v1/rates/AAA/EUR")
+    assert (await api.get("/v1/convert", params={"from": "AAA", "to": "BBB"})).json()["via"] == [
+        "USD"]
+    await api.delete("/v1/rates/AAA/USD")
+    assert (await api.get("/v1/convert", params={"from": "AAA", "to": "BBB"})).json()["via"] == [
+        "CHF"]
+
+
+# --------------------------------------------------------------------------- headers
+async def test_cors_is_for_reads_only(api: httpx.AsyncClient) -> None:
+    read = await api.get("/health", headers={"Origin": "https://example.com"})
+    assert read.headers["access-control-allow-origin"] == "*"
+    preflight = await api.options("/v1/rates/USD/EUR", headers={
+        "Origin": "https://example.com", "Access-Control-Request-Method": "PUT"})
+    allowed = preflight.headers.get("access-control-allow-methods", "")
+    assert "PUT" not in allowed and "DELETE" not in allowed and "POST" not in allowed
+    write = await put(api, "USD", "CAD", "1.36")
+    assert "access-control-allow-origin" not in write.headers
+
+
+async def test_every_response_has_cache_control(api: httpx.AsyncClient) -> None:
+    for path in ("/health", "/ready", "/metrics", "/v1/rates", "/v1/updates", "/nope",
+                 "/v1/rates/USD/XYZ", "/openapi.json"):
+        response = await api.get(path)
+        assert "cache-control" in response.headers, path
+    assert (await api.get("/nope")).headers["cache-control"] == "no-store"
+
+
+async def test_health_ready_metrics(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/health")).json() == {"status": "ok"}
+    assert (await api.get("/ready")).status_code == 200
+    await put(api, "USD", "MXN", "17.1")
+    await api.get("/v1/rates/USD/MXN")
+    text = (await api.get("/metrics")).text
+    for name in ("xrates_cache_size", "xrates_cache_hits_total", "xrates_cache_misses_total",
+                 "xrates_notifications_applied_total", "xrates_listener_connected",
+                 "xrates_listener_reconnects_total", "xrates_request_duration_seconds_bucket"):
+        assert name in text, name
+    connected = [line for line in text.splitlines()
+                 if line.startswith("xrates_listener_connected")]
+    assert connected and connected[0].split()[-1] == "1.0"
+
+
+async def test_openapi_is_valid_and_complete(api: httpx.AsyncClient) -> None:
+    from openapi_spec_validator import validate
+
+    spec = (await api.get("/openapi.json")).json()
+    validate(spec)
+    paths = spec["paths"]
+    for path, methods in {
+        "/v1/rates": ("get", "post"), "/v1/rates/{base}/{quote}": ("get", "put", "delete"),
+        "/v1/convert": ("get",), "/v1/updates": ("get", "post"), "/v1/updates/{run_id}": ("get",),
+        "/health": ("get",), "/ready": ("get",), "/metrics": ("get",),
+    }.items():
+        assert path in paths, path
+        for method in methods:
+            operation = paths[path][method]
+            assert operation["responses"], (path, method)
+    assert "requestBody" in paths["/v1/rates"]["post"]
+    assert (await api.get("/docs")).status_code == 200
+
+
+# --------------------------------------------------------------------------- updates API
+async def test_queue_and_read_update_runs(api: httpx.AsyncClient) -> None:
+    queued = await api.post("/v1/updates", json={"sources": ["ecb", "demo"]})
+    assert queued.status_code == 202
+    run_id = queued.json()["id"]
+    assert queued.json()["status"] == "queued"
+    run = (await api.get(f"/v1/updates/{run_id}")).json()
+    assert run["trigger"] == "manual"
+    assert run["progress"] == {"done": 0, "total": 0}
+    assert (await api.post("/v1/updates")).status_code == 202  # no body: every source
+    runs = (await api.get("/v1/updates", params={"limit": "1"})).json()["updates"]
+    assert len(runs) == 1 and runs[0]["id"] > run_id
+    assert (await api.get("/v1/updates", params={"status": "queued"})).json()["updates"]
+    assert (await api.get("/v1/updates/999999")).status_code == 404

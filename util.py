@@ -1,0 +1,588 @@
+"""Configuration, connections, the listener, embedded PostgreSQL and admin commands.
+
+    python util.py migrate     apply triggers.sql (idempotent, under an advisory lock)
+    python util.py up          embedded PostgreSQL + updater + API on :8000 and :8001
+    python util.py pg          start the embedded PostgreSQL and print its URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent
+SCHEMA_PATH = ROOT / "triggers.sql"
+SCHEMA_LOCK_KEY = 7_823_011_001  # pg_advisory_lock key serialising schema applies
+KNOWN_SOURCES = ("demo", "ecb", "nbu", "cbr", "privatbank", "boc")
+
+log = logging.getLogger("xrates.util")
+
+
+# --------------------------------------------------------------------------- settings
+class ConfigError(ValueError):
+    """Bad configuration: the process stops at start with one clear line (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything read from the environment, once. Build with ``load_settings(environ)``."""
+
+    database_url: str | None = None
+    data_dir: Path = Path(".data")
+    cache_size: int = 65536
+    api_token: str | None = field(default=None, repr=False)
+    sources: tuple[str, ...] = ("demo",)
+    interval_s: float = 600.0
+    source_urls: Mapping[str, str] = field(default_factory=dict)
+    auto_migrate: bool = True
+    max_jump: Decimal = Decimal("0.5")
+    db_timeout_s: float = 2.0
+    pool_size: int = 10
+    heartbeat_s: float = 0.4
+    heartbeat_timeout_s: float = 1.4
+    access_log: bool = True
+    log_format: str = "text"
+    profile: bool = False
+
+    def __repr__(self) -> str:  # never print secrets (token, URL password)
+        return (
+            f"Settings(database_url={redact_url(self.database_url)!r}, "
+            f"data_dir={str(self.data_dir)!r}, cache_size={self.cache_size}, "
+            f"api_token={'set' if self.api_token else 'unset'}, sources={self.sources}, "
+            f"interval_s={self.interval_s}, auto_migrate={self.auto_migrate}, "
+            f"max_jump={self.max_jump}, db_timeout_s={self.db_timeout_s})"
+        )
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with its password replaced by ***."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not value >= minimum or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r} must be a finite number >= {minimum}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be 0 or 1")
+
+
+def _database_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("DATABASE_URL", "").strip()
+    if not raw:
+        return None
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError("DATABASE_URL is not a valid URL") from None
+    if parts.scheme not in ("postgres", "postgresql") or not (parts.hostname or parts.query):
+        raise ConfigError(
+            f"DATABASE_URL must look like postgresql://user:pass@host:port/db "
+            f"(got scheme {parts.scheme!r})"
+        )
+    return raw
+
+
+def _sources(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("XRATES_SOURCES", "demo")
+    names = tuple(n.strip().lower() for n in raw.split(",") if n.strip())
+    if not names:
+        raise ConfigError("XRATES_SOURCES is empty")
+    unknown = [n for n in names if n not in KNOWN_SOURCES]
+    if unknown:
+        raise ConfigError(
+            f"XRATES_SOURCES names unknown source(s) {', '.join(unknown)}; "
+            f"known: {', '.join(KNOWN_SOURCES)}"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError("XRATES_SOURCES lists a source twice")
+    return names
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the configuration once. Raises ConfigError with one clear sentence."""
+    env = os.environ if env is None else env
+    try:
+        max_jump = Decimal(env.get("XRATES_MAX_JUMP", "0.5").strip() or "0.5")
+    except InvalidOperation:
+        raise ConfigError("XRATES_MAX_JUMP is not a number") from None
+    if not max_jump.is_finite() or max_jump <= 0:
+        raise ConfigError("XRATES_MAX_JUMP must be a positive number")
+    token = env.get("XRATES_API_TOKEN", "") or None
+    log_format = env.get("XRATES_LOG_FORMAT", "text").strip().lower() or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError("XRATES_LOG_FORMAT must be text or json")
+    urls = {
+        name: env[f"XRATES_{name.upper()}_URL"]
+        for name in KNOWN_SOURCES
+        if env.get(f"XRATES_{name.upper()}_URL")
+    }
+    return Settings(
+        database_url=_database_url(env),
+        data_dir=Path(env.get("XRATES_DATA_DIR", "").strip() or ".data"),
+        cache_size=_int(env, "XRATES_CACHE_SIZE", 65536),
+        api_token=token,
+        sources=_sources(env),
+        interval_s=_float(env, "XRATES_INTERVAL", 600.0, 0.1),
+        source_urls=urls,
+        auto_migrate=_bool(env, "XRATES_AUTO_MIGRATE", True),
+        max_jump=max_jump,
+        db_timeout_s=_float(env, "XRATES_DB_TIMEOUT", 2.0, 0.01),
+        pool_size=_int(env, "XRATES_POOL_SIZE", 10, 1),
+        heartbeat_s=_float(env, "XRATES_HEARTBEAT_INTERVAL", 0.4, 0.01),
+        heartbeat_timeout_s=_float(env, "XRATES_HEARTBEAT_TIMEOUT", 1.4, 0.05),
+        access_log=_bool(env, "XRATES_ACCESS_LOG", True),
+        log_format=log_format,
+        profile=_bool(env, "XRATES_PROFILE", False),
+    )
+
+
+def settings_or_exit(env: Mapping[str, str] | None = None) -> Settings:
+    """load_settings, or print the one line that says what is wrong and exit 2."""
+    try:
+        return load_settings(env)
+    except ConfigError as exc:
+        print(f"xrates: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------- logging
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(settings: Settings) -> None:
+    """One line per event; ``XRATES_LOG_FORMAT=json`` for machine-readable lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")
+        )
+    root = logging.getLogger("xrates")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+# --------------------------------------------------------------------------- embedded PostgreSQL
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server from the pip-installed ``pgserver`` binaries, on 127.0.0.1.
+
+    Started with ``pg_ctl`` (so the postmaster outlives no one by accident: ``stop()``
+    signals exactly the PID in its own ``postmaster.pid``). As root it runs as the
+    unprivileged user ``pgserver``, which PostgreSQL requires.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True):
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.durable = durable
+        with warnings.catch_warnings():  # pgserver warns about XDG_RUNTIME_DIR on import
+            warnings.simplefilter("ignore")
+            from pgserver._commands import POSTGRES_BIN_PATH
+
+        self.bin = POSTGRES_BIN_PATH
+        self._user = None
+        if os.geteuid() == 0:
+            from pgserver.utils import ensure_user_exists
+
+            ensure_user_exists("pgserver")
+            self._user = "pgserver"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.bin / args[0]), *args[1:]],
+            user=self._user, check=True, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def _prepare_permissions(self) -> None:
+        if self._user is None:
+            return
+        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions
+
+        ensure_prefix_permissions(self.data_dir)
+        ensure_prefix_permissions(self.bin)
+        ensure_folder_permissions(self.bin, 0o055)
+        ensure_folder_permissions(self.bin.parent / "lib", 0o044)
+        entry = pwd.getpwnam(self._user)
+        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+
+    def running_pid(self) -> int | None:
+        """The postmaster's PID if this data directory's server is running."""
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            lines = pid_file.read_text().splitlines()
+            pid, port = int(lines[0]), int(lines[3])
+            os.kill(pid, 0)
+        except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
+            return None
+        self.port = port
+        return pid
+
+    def start(self) -> str:
+        """Initialise the data directory if new, start the server unless running; the URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_permissions()
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
+                      "--encoding=UTF8", "--locale=C")
+        if self.running_pid() is not None:
+            return self.url
+        if self.port is None:
+            self.port = free_port()
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
+        options += " -c max_connections=300"
+        if not self.durable:  # tests: the data is thrown away, speed matters
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-o", options,
+                  "-l", str(self.data_dir / "postgres.log"), "start", timeout=90)
+        self.running_pid()
+        return self.url
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop this data directory's server (by the PID in its postmaster.pid)."""
+        if self.running_pid() is None:
+            return
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-m", mode, "stop",
+                      timeout=90)
+
+
+def database_url(settings: Settings) -> str:
+    """DATABASE_URL, or the embedded server's (started if it is not running)."""
+    if settings.database_url:
+        return settings.database_url
+    return EmbeddedPostgres(settings.data_dir).start()
+
+
+# --------------------------------------------------------------------------- connections
+async def connect(url: str, application_name: str, timeout_s: float = 5.0) -> asyncpg.Connection:
+    """One connection that names itself in pg_stat_activity."""
+    return await asyncpg.connect(
+        url, timeout=timeout_s, server_settings={"application_name": application_name}
+    )
+
+
+async def create_pool(url: str, settings: Settings, application_name: str = "xrates-api"):
+    """The instance's pool. Every query is bounded by ``db_timeout_s`` (overload → fast 503)."""
+    return await asyncpg.create_pool(
+        url,
+        min_size=1,
+        max_size=settings.pool_size,
+        command_timeout=settings.db_timeout_s,
+        timeout=settings.db_timeout_s,
+        server_settings={"application_name": application_name},
+    )
+
+
+async def apply_schema(conn: asyncpg.Connection) -> None:
+    """Apply triggers.sql; concurrent starts serialise on an advisory lock."""
+    sql = SCHEMA_PATH.read_text()
+    await conn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK_KEY)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK_KEY)
+
+
+async def migrate(url: str) -> None:
+    conn = await connect(url, "xrates-migrate")
+    try:
+        await apply_schema(conn)
+    finally:
+        await conn.close()
+
+
+# --------------------------------------------------------------------------- listener
+class Listener:
+    """The one LISTEN connection of an instance (SPEC §5.4, §5.6).
+
+    Notifications are trusted only while delivery is proven: after (re-)LISTEN the
+    listener sends a heartbeat NOTIFY through the pool and calls ``on_up`` only once it
+    arrives; then a heartbeat every ``heartbeat_s``. If none arrives for
+    ``heartbeat_timeout_s`` (a silently dead connection), or the connection ends, it calls
+    ``on_down`` and reconnects with capped backoff.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        on_payload: Callable[[str], None],
+        on_up: Callable[[], None],
+        on_down: Callable[[str], None],
+        send_heartbeat: Callable[[str, str], Awaitable[None]],
+        heartbeat_s: float,
+        heartbeat_timeout_s: float,
+        application_name: str = "xrates-listener",
+    ) -> None:
+        self.url = url
+        self.channel = channel
+        self.on_payload = on_payload
+        self.on_up = on_up
+        self.on_down = on_down
+        self.send_heartbeat = send_heartbeat
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.application_name = application_name
+        self.instance_id = uuid.uuid4().hex[:12]
+        self._hb_prefix = '{"op":"hb","id":"' + self.instance_id + '"'
+        self.connected = False
+        self.reconnects = 0
+        self.backend_pid: int | None = None
+        self._last_heartbeat = 0.0
+        self._heartbeat_seen = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="xrates-listener")
+
+    async def close(self) -> None:
+        self._closing.set()
+        self._lost.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # The callback is synchronous and O(rows): apply, never await.
+    def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
+        if payload.startswith('{"op":"hb"'):
+            if payload.startswith(self._hb_prefix):
+                self._last_heartbeat = time.monotonic()
+                self._heartbeat_seen.set()
+            return
+        try:
+            self.on_payload(payload)
+        except Exception:
+            # A payload we cannot apply means the cache can no longer be trusted.
+            log.exception("event=notification_failed action=reconnect")
+            self._lost.set()
+
+    def _on_terminated(self, _conn) -> None:
+        self._lost.set()
+
+    async def _heartbeat(self) -> None:
+        self._heartbeat_seen.clear()
+        payload = json.dumps({"op": "hb", "id": self.instance_id, "t": time.time()},
+                             separators=(",", ":"))
+        with contextlib.suppress(Exception):  # a failed send shows up as a missing receipt
+            await self.send_heartbeat(self.channel, payload)
+
+    async def _prove_delivery(self) -> bool:
+        await self._heartbeat()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._heartbeat_seen.wait(), self.heartbeat_timeout_s)
+            return True
+        return False
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._closing.is_set():
+            conn = None
+            reason = "closing"
+            try:
+                conn = await connect(self.url, self.application_name,
+                                     timeout_s=self.heartbeat_timeout_s * 2)
+                self._lost.clear()
+                conn.add_termination_listener(self._on_terminated)
+                await conn.add_listener(self.channel, self._on_notify)
+                self.backend_pid = conn.get_server_pid()
+                if not await self._prove_delivery():
+                    raise ConnectionError("first heartbeat not delivered")
+                self._last_heartbeat = time.monotonic()
+                self.connected = True
+                self.on_up()
+                log.info("event=listener_up backend_pid=%s reconnects=%d",
+                         self.backend_pid, self.reconnects)
+                backoff = 0.05
+                reason = await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                if self.connected:
+                    self.connected = False
+                    self.on_down(reason)
+                    log.warning("event=listener_down reason=%r", reason)
+                if conn is not None:
+                    conn.terminate()  # never wait on a backend that may be frozen
+            if self._closing.is_set():
+                break
+            self.reconnects += 1
+            log.info("event=listener_retry backoff_s=%.2f reason=%r", backoff, reason)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _watch(self) -> str:
+        """Heartbeat until the connection is lost or delivery stops; the reason."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self.heartbeat_s)
+            if self._lost.is_set():
+                return "closing" if self._closing.is_set() else "connection lost"
+            silent_s = time.monotonic() - self._last_heartbeat
+            if silent_s > self.heartbeat_timeout_s:
+                return f"no heartbeat for {silent_s:.2f}s"
+            await self._heartbeat()
+
+
+# --------------------------------------------------------------------------- supervisor
+def _up(args: argparse.Namespace) -> int:
+    """Run the whole service in the foreground; Ctrl-C stops everything."""
+    settings = settings_or_exit()
+    setup_logging(settings)
+    embedded = None
+    if settings.database_url:
+        url = settings.database_url
+    else:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        url = embedded.start()
+        log.info("event=embedded_postgres_up data_dir=%s port=%s", embedded.data_dir,
+                 embedded.port)
+    asyncio.run(migrate(url))
+    env = {**os.environ, "DATABASE_URL": url, "XRATES_AUTO_MIGRATE": "0"}
+    commands = [[sys.executable, "updater.py"]] if (ROOT / "updater.py").exists() else []
+    commands += [[sys.executable, "sanic_app.py", "--host", args.host, "--port", str(port)]
+                 for port in args.ports]
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def stop(_signum=None, _frame=None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for command in commands:
+            # Own process group: Ctrl-C reaches only us; we stop the children in order.
+            children.append(subprocess.Popen(command, cwd=ROOT, env=env,
+                                             start_new_session=True))
+            log.info("event=started pid=%d command=%r", children[-1].pid, " ".join(command[1:]))
+        while not stopping and all(child.poll() is None for child in children):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                children[0].wait(0.2)
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in reversed(children):
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if embedded is not None:
+            embedded.stop()
+            log.info("event=embedded_postgres_down")
+    failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM)]
+    return 1 if failed and not stopping else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python util.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply triggers.sql")
+    up = sub.add_parser("up", help="run the whole service in the foreground")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--ports", type=int, nargs="+", default=[8000, 8001])
+    sub.add_parser("pg", help="start the embedded PostgreSQL and print its URL")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        return _up(args)
+    settings = settings_or_exit()
+    setup_logging(settings)
+    if args.command == "pg":
+        print(EmbeddedPostgres(settings.data_dir).start())
+        return 0
+    asyncio.run(migrate(database_url(settings)))
+    log.info("event=migrated schema=%s", SCHEMA_PATH.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
