@@ -55,6 +55,8 @@ class Settings:
     source_urls: Mapping[str, str] = field(default_factory=dict)
     auto_migrate: bool = True
     max_jump: Decimal = Decimal("0.5")
+    fetch_timeout_s: float = 10.0
+    fetch_attempts: int = 3
     db_timeout_s: float = 2.0
     pool_size: int = 10
     heartbeat_s: float = 0.4
@@ -182,6 +184,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         source_urls=urls,
         auto_migrate=_bool(env, "XRATES_AUTO_MIGRATE", True),
         max_jump=max_jump,
+        fetch_timeout_s=_float(env, "XRATES_FETCH_TIMEOUT", 10.0, 0.01),
+        fetch_attempts=_int(env, "XRATES_FETCH_ATTEMPTS", 3, 1),
         db_timeout_s=_float(env, "XRATES_DB_TIMEOUT", 2.0, 0.01),
         pool_size=_int(env, "XRATES_POOL_SIZE", 10, 1),
         heartbeat_s=_float(env, "XRATES_HEARTBEAT_INTERVAL", 0.4, 0.01),
