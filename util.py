@@ -29,10 +29,12 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from sources import SOURCE_NAMES
+
 ROOT = Path(__file__).resolve().parent
 SCHEMA_PATH = ROOT / "triggers.sql"
 SCHEMA_LOCK_KEY = 7_823_011_001  # pg_advisory_lock key serialising schema applies
-KNOWN_SOURCES = ("demo", "ecb", "nbu", "cbr", "privatbank", "boc")
+KNOWN_SOURCES = SOURCE_NAMES  # every name XRATES_SOURCES and POST /v1/updates accept
 
 log = logging.getLogger("xrates.util")
 

@@ -3,6 +3,7 @@ Writes are protected (token, or loopback-only). Against real API processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -244,10 +245,12 @@ async def test_writes_from_non_loopback_are_forbidden_without_token(db_url, netn
         "except urllib.error.HTTPError as e:\n    print(e.code, e.read().decode())\n"
         f"print(urllib.request.urlopen('http://{host_ip}:{api.port}/health', timeout=10).status)\n"
     )
-    result = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", script],
-                            capture_output=True, text=True, timeout=30)
-    lines = result.stdout.splitlines()
-    assert lines and lines[0].startswith("403"), result
+    client = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", name, sys.executable, "-c", script,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(client.communicate(), 30)
+    lines = out.decode().splitlines()
+    assert lines and lines[0].startswith("403"), (out, err)
     assert '"error"' in lines[0]
     assert lines[1] == "200"  # reads are open to everyone
     assert await snapshot(db_url) == before
