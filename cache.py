@@ -50,6 +50,9 @@ class RateCache:
         self._tick = 0  # bumped by every applied change
         # key -> [readers in flight, tick of the last change applied to the key]
         self._inflight: dict[str, list[int]] = {}
+        # key -> version of this instance's own write, applied before its notification
+        # arrives; older notifications for the key must not win even if it was evicted.
+        self._ahead: dict[str, int] = {}
         self.applied = 0
 
     # -- state -------------------------------------------------------------------------
@@ -75,6 +78,7 @@ class RateCache:
         """Forget every entry and void every fill in flight."""
         if self._lru is not None:
             self._lru.clear()
+        self._ahead.clear()  # notifications from before a flush never arrive after it
         self._epoch += 1
         self._tick += 1
 
@@ -108,6 +112,14 @@ class RateCache:
             or self._lru is None
         ):
             return False
+        ahead = self._ahead.get(token.key)
+        if ahead is not None and version < ahead:
+            # The read began after our own write was applied, so what it saw is at least
+            # that new. A row it did not find was deleted since: rank the negative entry
+            # with our write, so that write's late notification cannot resurrect the row.
+            if value is not None:
+                return False
+            version = ahead
         current = self._lru.get(token.key)
         if current is not None and current.version >= version:
             return False
@@ -126,9 +138,11 @@ class RateCache:
         return record[1]
 
     # -- changes -----------------------------------------------------------------------
-    def apply(self, key: str, version: int, value: Any) -> bool:
-        """Apply a committed change (a notification, or this instance's own write).
+    def apply(self, key: str, version: int, value: Any, own_write: bool = False) -> bool:
+        """Apply a committed change: a notification, or (``own_write``) this instance's
+        own write, applied before its notification arrives (read your own writes).
 
+        Notifications arrive in commit order, so only an own write can be ahead of them.
         ``value`` None means deleted. Returns True if the cache changed.
         """
         self._tick += 1
@@ -138,6 +152,14 @@ class RateCache:
         self.applied += 1
         if not self._enabled or self._lru is None:
             return False
+        ahead = self._ahead.get(key)
+        if own_write:
+            if ahead is None or version > ahead:
+                self._ahead[key] = version
+        elif ahead is not None:
+            if version < ahead:
+                return False  # older than our own write, which may have been evicted
+            del self._ahead[key]  # the stream has caught up with our write
         current = self._lru.get(key)
         if current is not None and current.version >= version:
             return False

@@ -319,10 +319,10 @@ class Store:
         version = await self._call("fetchval", DELETE_RATE, base, quote)
         if version is None:
             raise NotFound(f"no rate for {base}/{quote}")
-        self.cache.apply(base + quote, version, None)
+        self.cache.apply(base + quote, version, None, own_write=True)
 
     def _applied(self, rate: Rate) -> Rate:
-        self.cache.apply(rate.base + rate.quote, rate.version, rate)
+        self.cache.apply(rate.base + rate.quote, rate.version, rate, own_write=True)
         return rate
 
     # -- update runs --------------------------------------------------------------------
