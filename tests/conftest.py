@@ -6,6 +6,7 @@ stopped by PID. Conditions are awaited with deadlines, never with bare sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -138,18 +139,28 @@ class ApiProcess:
     async def stop(self) -> None:
         await self.client.aclose()
         if self.proc.poll() is None:
-            # Exactly the process group we started (start_new_session), by its PID.
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            # SIGTERM to the main process we started (by PID): Sanic stops its own workers.
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait()
+        # Anything left in the process group we created (start_new_session) goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
 
     def server_errors(self) -> list[str]:
-        return [line for line in self.log().splitlines()
-                if "status=500" in line or "Traceback" in line or "event=server_error" in line]
+        """Lines showing a 500 or an unexpected traceback. asyncpg's pool logs a traceback
+        when it cannot refill while PostgreSQL is down: expected, and not an error of ours."""
+        errors, previous = [], ""
+        for line in self.log().splitlines():
+            if "status=500" in line or "event=server_error" in line or (
+                    "Traceback" in line and "restore the pool connection floor" not in previous):
+                errors.append(line)
+            previous = line
+        return errors
 
 
 @pytest.fixture

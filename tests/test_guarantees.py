@@ -1,0 +1,420 @@
+"""SPEC §5, the cache guarantees, against a real PostgreSQL and real API processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+from conftest import ApiProcess, wait_for
+
+import model
+import util
+
+INSERT = ("INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1, $2, $3, 'manual', now()) "
+          "ON CONFLICT (base, quote) DO UPDATE SET rate = EXCLUDED.rate")
+DEFAULT_HEARTBEAT = {"XRATES_HEARTBEAT_INTERVAL": "0.4", "XRATES_HEARTBEAT_TIMEOUT": "1.4"}
+
+
+async def metric(api: ApiProcess, name: str) -> float:
+    text = (await api.client.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def get(api: ApiProcess, base: str, quote: str) -> httpx.Response:
+    return await api.client.get(f"/v1/rates/{base}/{quote}")
+
+
+async def db_state(conn: asyncpg.Connection) -> dict[str, tuple[str, int]]:
+    rows = await conn.fetch("SELECT base || quote AS key, rate::text AS rate, version FROM rate")
+    return {r["key"]: (r["rate"], r["version"]) for r in rows}
+
+
+# --------------------------------------------------------------------------- 5.1 push
+async def test_push_refresh_reaches_an_instance_that_never_read_the_key(db_url, start_api) -> None:
+    a, b = await start_api(db_url), await start_api(db_url)
+    written = (await a.client.put("/v1/rates/USD/EUR", json={"rate": "0.9213"})).json()
+    await wait_for(lambda: _applied(b, 1), 5, what="B applied the notification")
+    first = await get(b, "USD", "EUR")
+    assert first.headers["x-cache"] == "hit"  # served from memory: no database read
+    assert first.json() == written
+    assert await metric(b, "xrates_cache_misses_total") == 0
+
+
+async def _applied(api: ApiProcess, at_least: int) -> bool:
+    return await metric(api, "xrates_notifications_applied_total") >= at_least
+
+
+async def test_sql_writes_and_deletes_are_pushed(db_url, sql, start_api) -> None:
+    api = await start_api(db_url)
+    await sql.execute(INSERT, "GBP", "USD", "1.27")
+    await wait_for(lambda: _applied(api, 1), 5, what="insert applied")
+    response = await get(api, "GBP", "USD")
+    assert (response.headers["x-cache"], response.json()["rate"]) == ("hit", 1.27)
+    await sql.execute("DELETE FROM rate WHERE base = 'GBP'")
+    await wait_for(lambda: _applied(api, 2), 5, what="delete applied")
+    gone = await get(api, "GBP", "USD")
+    assert (gone.status_code, gone.headers["x-cache"]) == (404, "hit")  # a versioned tombstone
+
+
+# --------------------------------------------------------------------------- 5.2 no stale fill
+class GatedStore(model.Store):
+    """A real Store whose database read of one key pauses until the test lets it go,
+    so the test can put a newer change in between the read and its fill."""
+
+    def __init__(self, settings: util.Settings) -> None:
+        super().__init__(settings)
+        self.read_done = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def _read_rate(self, base: str, quote: str):
+        rate = await super()._read_rate(base, quote)
+        if base == "USD":
+            self.read_done.set()
+            await self.gate.wait()
+        return rate
+
+
+@pytest.fixture
+async def gated(db_url) -> AsyncIterator[GatedStore]:
+    settings = util.load_settings({"DATABASE_URL": db_url, "XRATES_CACHE_SIZE": "2",
+                                   "XRATES_AUTO_MIGRATE": "0", "XRATES_HEARTBEAT_INTERVAL": "0.2",
+                                   "XRATES_HEARTBEAT_TIMEOUT": "1.0"})
+    store = GatedStore(settings)
+    await store.start(db_url)
+    await wait_for(lambda: _true(store.listener_connected), 10, what="listener up")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize("evict", [False, True], ids=["newer-entry-cached", "newer-entry-evicted"])
+async def test_a_read_that_raced_with_a_newer_change_never_overwrites_it(gated, sql, evict) -> None:
+    store = gated
+    await sql.execute(INSERT, "USD", "EUR", "1.00")
+    old_version = await sql.fetchval("SELECT version FROM rate WHERE base = 'USD'")
+    await wait_for(lambda: _true(store.cache.lookup("USDEUR") is not None), 5, what="v1 pushed")
+    store.cache.flush()  # force the next GET to miss and read the database
+
+    reader = asyncio.create_task(store.get_rate("USD", "EUR"))
+    await asyncio.wait_for(store.read_done.wait(), 5)  # its SELECT returned the old row
+    await sql.execute(INSERT, "USD", "EUR", "2.00")  # a newer change commits ...
+    new_version = await sql.fetchval("SELECT version FROM rate WHERE base = 'USD'")
+
+    def cached_version() -> int | None:
+        entry = store.cache.lookup("USDEUR")
+        return entry.version if entry else None
+
+    await wait_for(lambda: _true(cached_version() == new_version), 5, what="v2 pushed")
+    if evict:  # ... and is evicted by other keys (cache size 2) before the stale fill lands
+        await sql.execute(INSERT, "AAA", "BBB", "1")
+        await sql.execute(INSERT, "CCC", "DDD", "1")
+        await wait_for(lambda: _true(store.cache.lookup("USDEUR") is None), 5, what="eviction")
+    store.gate.set()
+    rate, how = await reader
+    assert (rate.version, how) == (old_version, model.MISS)  # that response was already in flight
+    assert cached_version() in (None, new_version)  # but the old row was not cached
+    served, _ = await store.get_rate("USD", "EUR")
+    assert served.version == new_version and served.rate == "2.00"
+
+
+# --------------------------------------------------------------------------- 5.3 convergence
+async def test_concurrent_writers_and_readers_converge_on_every_instance(db_url, sql,
+                                                                        start_api) -> None:
+    a, b = await start_api(db_url), await start_api(db_url)
+    keys = [("USD", "EUR"), ("EUR", "GBP"), ("GBP", "JPY"), ("CHF", "USD"), ("AUD", "NZD")]
+    rng = random.Random(7)
+    writer_conn = await asyncpg.connect(db_url)
+
+    async def http_writer(api: ApiProcess, n: int) -> None:
+        for i in range(n):
+            base, quote = rng.choice(keys)
+            if rng.random() < 0.2:
+                await api.client.delete(f"/v1/rates/{base}/{quote}")
+            else:
+                response = await api.client.put(f"/v1/rates/{base}/{quote}",
+                                                json={"rate": f"{i + 1}.{rng.randint(1, 99)}"})
+                # read your own write (5.7): the same instance serves it or something newer
+                echo = await get(api, base, quote)
+                if echo.status_code == 200:
+                    assert echo.json()["version"] >= response.json()["version"]
+
+    async def sql_writer(n: int) -> None:
+        for i in range(n):
+            base, quote = rng.choice(keys)
+            if rng.random() < 0.2:
+                await writer_conn.execute("DELETE FROM rate WHERE base = $1 AND quote = $2",
+                                          base, quote)
+            else:
+                await writer_conn.execute(INSERT, base, quote, f"{i + 1}.5")
+
+    async def reader(api: ApiProcess, n: int) -> None:
+        for _ in range(n):
+            base, quote = rng.choice(keys)
+            assert (await get(api, base, quote)).status_code in (200, 404)
+
+    await asyncio.gather(http_writer(a, 60), http_writer(b, 60), sql_writer(60),
+                         reader(a, 150), reader(b, 150))
+    await writer_conn.close()
+
+    async def converged() -> bool:
+        state = await db_state(sql)
+        for api in (a, b):
+            for base, quote in keys:
+                response = await get(api, base, quote)
+                expected = state.get(base + quote)
+                if expected is None:
+                    if response.status_code != 404:
+                        return False
+                elif response.status_code != 200 or response.json()["version"] != expected[1]:
+                    return False
+        return True
+
+    await wait_for(converged, 10, 0.05, "every instance to serve the database state")
+
+
+# --------------------------------------------------------------------------- 5.4 gap safety
+async def _listener_pids(conn: asyncpg.Connection, db: str) -> list[int]:
+    rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 "
+                            "AND application_name = 'xrates-listener'", db)
+    return [r["pid"] for r in rows]
+
+
+def _db_name(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+async def test_terminated_listener_bypasses_then_flushes(db_url, sql, pg, start_api) -> None:
+    api = await start_api(db_url)
+    db = _db_name(db_url)
+    await sql.execute(INSERT, "USD", "EUR", "1.10")
+    await wait_for(lambda: _applied(api, 1), 5, what="first value pushed")
+    assert (await get(api, "USD", "EUR")).headers["x-cache"] == "hit"
+    admin = await asyncpg.connect(pg.url)
+    try:
+        # Keep the listener from coming back until we have looked at the gap.
+        await admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+        [pid] = await _listener_pids(admin, db)
+        await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await wait_for(lambda: _status(api, "/ready", 503), 5, what="/ready 503")
+        await sql.execute(INSERT, "USD", "EUR", "2.20")  # its notification is lost
+        during = await get(api, "USD", "EUR")
+        assert during.headers["x-cache"] == "bypass"
+        assert during.json()["rate"] == 2.2  # read from the database, not the stale cache
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    await wait_for(lambda: _status(api, "/ready", 200), 10, what="listener back")
+    after = await get(api, "USD", "EUR")
+    assert after.json()["rate"] == 2.2  # the cache was flushed: never the pre-gap value
+    assert after.headers["x-cache"] in ("miss", "hit")
+    await sql.execute(INSERT, "USD", "EUR", "3.30")  # push refresh works again
+    await wait_for(lambda: _rate_is(api, "USD", "EUR", 3.3, "hit"), 5, what="push after gap")
+    assert await metric(api, "xrates_listener_reconnects_total") >= 1
+
+
+async def _status(api: ApiProcess, path: str, status: int) -> bool:
+    return (await api.client.get(path)).status_code == status
+
+
+async def _rate_is(api: ApiProcess, base: str, quote: str, rate: float, how: str) -> bool:
+    response = await get(api, base, quote)
+    return (response.status_code == 200 and response.json()["rate"] == rate
+            and response.headers["x-cache"] == how)
+
+
+async def test_silently_dead_listener_is_found_by_the_heartbeat_within_2s(db_url, sql, start_api
+                                                                         ) -> None:
+    api = await start_api(db_url, env=DEFAULT_HEARTBEAT)  # the shipped defaults
+    db = _db_name(db_url)
+    await sql.execute(INSERT, "USD", "EUR", "1.10")
+    await wait_for(lambda: _applied(api, 1), 5, what="first value pushed")
+    [pid] = await _listener_pids(sql, db)
+    os.kill(pid, signal.SIGSTOP)  # socket open, nothing delivered: a silent loss
+    try:
+        stopped_at = time.monotonic()
+        await sql.execute(INSERT, "USD", "EUR", "2.20")  # never delivered to that backend
+        await wait_for(lambda: _status(api, "/ready", 503), 5, 0.01, "heartbeat to notice")
+        detected_s = time.monotonic() - stopped_at
+        # 2 s is the guarantee; the margin covers this poll and a loaded CI machine.
+        assert detected_s < 2.5, detected_s
+        await wait_for(lambda: _status(api, "/ready", 200), 10, what="a new listener")
+        assert (await get(api, "USD", "EUR")).json()["rate"] == 2.2  # flushed, not stale
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    pids = await wait_for(lambda: _one_listener(sql, db, exclude=pid), 10, what="old backend gone")
+    assert pid not in pids
+
+
+async def _one_listener(conn: asyncpg.Connection, db: str, exclude: int) -> list[int] | None:
+    pids = await _listener_pids(conn, db)
+    return pids if len(pids) == 1 and exclude not in pids else None
+
+
+async def test_postgres_restart_is_survived_without_restarting_the_api(tmp_path, start_api) -> None:
+    server = util.EmbeddedPostgres(tmp_path / "pg-restart", durable=False)
+    url = server.start()
+    try:
+        await util.migrate(url)
+        api = await start_api(url)
+        await api.client.put("/v1/rates/USD/EUR", json={"rate": "1.25"})
+        server.stop("fast")
+        await wait_for(lambda: _status(api, "/ready", 503), 10, what="/ready 503 while down")
+        for path in ("/v1/rates/USD/EUR", "/v1/rates", "/v1/convert?from=USD&to=EUR",
+                     "/v1/updates"):
+            response = await api.client.get(path)
+            assert response.status_code == 503, (path, response.text)
+            assert "error" in response.json()
+        write = await api.client.put("/v1/rates/USD/EUR", json={"rate": "9"})
+        assert write.status_code == 503
+        server.start()
+        await wait_for(lambda: _status(api, "/ready", 200), 20, what="recovery")
+        response = await get(api, "USD", "EUR")
+        assert response.status_code == 200 and response.json()["rate"] == 1.25
+        conn = await asyncpg.connect(url)
+        await conn.execute(INSERT, "USD", "EUR", "1.5")
+        await conn.close()
+        await wait_for(lambda: _rate_is(api, "USD", "EUR", 1.5, "hit"), 5, what="push after restart")
+    finally:
+        server.stop("immediate")
+
+
+# --------------------------------------------------------------------------- 5.5 memory bound
+async def test_lru_never_exceeds_its_size(db_url, sql, start_api) -> None:
+    api = await start_api(db_url, env={"XRATES_CACHE_SIZE": "5"})
+    codes = ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF", "GGG"]
+    pairs = [(b, q) for b in codes for q in codes if b != q][:30]
+    for base, quote in pairs:
+        await sql.execute(INSERT, base, quote, "1.5")
+    for base, quote in pairs:
+        assert (await get(api, base, quote)).status_code == 200
+        assert await metric(api, "xrates_cache_size") <= 5
+    for base, quote in [("ZZZ", "YYY"), ("YYY", "XXX")]:  # tombstones count too
+        assert (await get(api, base, quote)).status_code == 404
+    assert await metric(api, "xrates_cache_size") == 5
+
+
+async def test_cache_size_zero_is_read_through(db_url, sql, start_api) -> None:
+    api = await start_api(db_url, env={"XRATES_CACHE_SIZE": "0"})
+    await sql.execute(INSERT, "USD", "EUR", "1.1")
+    for expected in ("1.1", "1.2", "1.3"):
+        await sql.execute(INSERT, "USD", "EUR", expected)
+        response = await get(api, "USD", "EUR")
+        assert response.headers["x-cache"] == "bypass"
+        assert response.json()["rate"] == float(expected)  # no waiting: it is the database
+    assert await metric(api, "xrates_cache_size") == 0
+    assert (await api.client.get("/ready")).status_code == 200
+
+
+# --------------------------------------------------------------------------- 5.6 one listener
+async def test_exactly_one_listener_connection_per_instance_worker(db_url, sql, start_api) -> None:
+    await start_api(db_url)
+    await start_api(db_url, workers=2)
+    db = _db_name(db_url)
+
+    async def listeners() -> int:
+        return len(await _listener_pids(sql, db))
+
+    await wait_for(lambda: _equals(listeners(), 3), 10, what="3 listeners")
+    names = {r["application_name"] for r in await sql.fetch(
+        "SELECT application_name FROM pg_stat_activity WHERE datname = $1", db)}
+    assert {"xrates-api", "xrates-listener"} <= names
+
+
+async def _equals(awaitable, expected) -> bool:
+    return (await awaitable) == expected
+
+
+async def test_heartbeat_is_end_to_end_through_the_pool(db_url, sql, start_api) -> None:
+    await start_api(db_url)
+    db = _db_name(db_url)
+    heartbeats: asyncio.Queue = asyncio.Queue()
+    watcher = await asyncpg.connect(db_url)
+    await watcher.add_listener(model.CHANNEL, lambda _c, pid, _ch, payload: heartbeats.put_nowait(
+        (pid, payload)) if '"op":"hb"' in payload else None)
+    try:
+        sender, payload = await asyncio.wait_for(heartbeats.get(), 5)
+        assert json.loads(payload)["op"] == "hb"
+        name = await sql.fetchval("SELECT application_name FROM pg_stat_activity "
+                                  "WHERE pid = $1 AND datname = $2", sender, db)
+        assert name == "xrates-api"  # sent through the pool, received by the listener
+        await asyncio.wait_for(heartbeats.get(), 5)  # and it keeps coming
+    finally:
+        await watcher.close()
+
+
+# --------------------------------------------------------------------------- SPEC §3 version order
+async def test_version_order_under_concurrent_delete_and_reinsert(db_url, sql, start_api) -> None:
+    a, b = await start_api(db_url), await start_api(db_url)
+    events: list[tuple[str, int]] = []
+    watcher = await asyncpg.connect(db_url)
+
+    def collect(_c, _pid, _ch, payload: str) -> None:
+        message = json.loads(payload)
+        for row in message.get("rows", []):
+            events.append((message["op"], row[1]))
+
+    await watcher.add_listener(model.CHANNEL, collect)
+    conns = [await asyncpg.connect(db_url) for _ in range(6)]
+    rng = random.Random(11)
+    errors: list[str] = []
+
+    async def hammer(conn: asyncpg.Connection, n: int) -> None:
+        for i in range(n):
+            choice = rng.random()
+            try:
+                if choice < 0.4:
+                    await conn.execute("DELETE FROM rate WHERE base = 'USD' AND quote = 'EUR'")
+                elif choice < 0.8:
+                    await conn.execute(INSERT, "USD", "EUR", f"{i + 1}")
+                else:
+                    await conn.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
+                                       "VALUES ('USD', 'EUR', 7, 'manual', now())")
+            except asyncpg.UniqueViolationError:
+                pass  # a plain INSERT over a live row: expected
+            except asyncpg.PostgresError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(hammer(c, 80) for c in conns))
+    for conn in conns:
+        await conn.close()
+    assert not errors  # no deadlocks, no other failures
+
+    final = await sql.fetchrow("SELECT version FROM rate WHERE base = 'USD' AND quote = 'EUR'")
+    await wait_for(lambda: _true(events and events[-1][1] >= (final["version"] if final else 0)),
+                   5, what="last notification")
+    await watcher.close()
+    versions = [v for _, v in events]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)  # commit order
+    last_op, last_version = events[-1]
+    if final is None:
+        assert last_op == "d"
+    else:
+        assert (last_op, last_version) == ("u", final["version"])
+
+    async def both_serve_db() -> bool:
+        for api in (a, b):
+            response = await get(api, "USD", "EUR")
+            if final is None and response.status_code != 404:
+                return False
+            if final is not None and (response.status_code != 200
+                                      or response.json()["version"] != final["version"]):
+                return False
+        return True
+
+    await wait_for(both_serve_db, 5, what="no tombstone over a live row, nor the reverse")
