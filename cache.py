@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from boltons.cacheutils import LRU
+from boltons.cacheutils import LRI, LRU
 
 # Version of a negative entry from a read that found no row: any real change outranks it.
 ABSENT_VERSION = 0
+# States known ahead of the notification stream that are remembered (see RateCache._ahead).
+AHEAD_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +52,13 @@ class RateCache:
         self._tick = 0  # bumped by every applied change
         # key -> [readers in flight, tick of the last change applied to the key]
         self._inflight: dict[str, list[int]] = {}
-        # key -> version of this instance's own write, applied before its notification
-        # arrives; older notifications for the key must not win even if it was evicted.
-        self._ahead: dict[str, int] = {}
+        # key -> version of a state this instance learnt before its notification arrived
+        # (its own write, or a fill that read a committed row whose NOTIFY is still in
+        # flight); older notifications for the key must not win, even after an eviction.
+        # Entries leave when the stream catches up; the bound only ages out stale ones.
+        self._ahead: LRI = LRI(max_size=AHEAD_SIZE)
+        # key -> heartbeat number a negative result waits for (see finish_fill)
+        self._pending_negative: dict[str, int] = {}
         self.applied = 0
 
     # -- state -------------------------------------------------------------------------
@@ -79,6 +85,7 @@ class RateCache:
         if self._lru is not None:
             self._lru.clear()
         self._ahead.clear()  # notifications from before a flush never arrive after it
+        self._pending_negative.clear()
         self._epoch += 1
         self._tick += 1
 
@@ -98,11 +105,16 @@ class RateCache:
             record[0] += 1
         return FillToken(key, self._epoch, self._tick)
 
-    def finish_fill(self, token: FillToken, version: int, value: Any) -> bool:
-        """Offer the read's result; returns True if it was cached.
+    def finish_fill(self, token: FillToken, version: int, value: Any,
+                    barrier: int | None = None) -> bool:
+        """Offer the read's result; returns True if it was cached now.
 
-        ``version`` is the row's version, or ABSENT_VERSION with value None when the read
-        found no row (a negative entry, cached only under the same proof as any fill).
+        ``version`` is the row's version; a read that found no row passes value None
+        (a negative result). A negative result is cached only when provably current: once
+        heartbeat number ``barrier``, sent after the read, has come back through the
+        notification stream (``pass_barrier``) with no change of the key in between —
+        then no older notification for the key can still be on its way. Without a
+        barrier the caller vouches for that itself.
         """
         touched = self._release(token.key)
         if (
@@ -112,18 +124,37 @@ class RateCache:
             or self._lru is None
         ):
             return False
+        if value is None:
+            if barrier is not None:
+                if len(self._pending_negative) < self.max_size:
+                    self._pending_negative[token.key] = barrier
+                return False
+            return self._store_negative(token.key)
         ahead = self._ahead.get(token.key)
         if ahead is not None and version < ahead:
-            # The read began after our own write was applied, so what it saw is at least
-            # that new. A row it did not find was deleted since: rank the negative entry
-            # with our write, so that write's late notification cannot resurrect the row.
-            if value is not None:
-                return False
-            version = ahead
+            return False  # the read began after a newer state was applied: an old snapshot
         current = self._lru.get(token.key)
         if current is not None and current.version >= version:
             return False
         self._lru[token.key] = Entry(version, value)
+        self._ahead[token.key] = version  # its notification may still be on the way
+        return True
+
+    def pass_barrier(self, barrier: int) -> int:
+        """Heartbeat ``barrier`` came back: cache the negative results waiting for it."""
+        ready = [key for key, needed in self._pending_negative.items() if needed <= barrier]
+        stored = 0
+        for key in ready:
+            del self._pending_negative[key]
+            stored += self._store_negative(key)
+        return stored
+
+    def _store_negative(self, key: str) -> bool:
+        if not self._enabled or self._lru is None or key in self._ahead:
+            return False  # a newer state of the key is known (maybe evicted): not current
+        if self._lru.get(key) is not None:
+            return False
+        self._lru[key] = Entry(ABSENT_VERSION, None)
         return True
 
     def cancel_fill(self, token: FillToken) -> None:
@@ -149,6 +180,8 @@ class RateCache:
         record = self._inflight.get(key)
         if record is not None:
             record[1] = self._tick
+        if self._pending_negative:
+            self._pending_negative.pop(key, None)  # a change: the negative result is moot
         self.applied += 1
         if not self._enabled or self._lru is None:
             return False
@@ -158,8 +191,8 @@ class RateCache:
                 self._ahead[key] = version
         elif ahead is not None:
             if version < ahead:
-                return False  # older than our own write, which may have been evicted
-            del self._ahead[key]  # the stream has caught up with our write
+                return False  # older than a state already served, which may have been evicted
+            del self._ahead[key]  # the stream has caught up
         current = self._lru.get(key)
         if current is not None and current.version >= version:
             return False

@@ -22,6 +22,9 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+# Decided at import, as prometheus_client decides it: values live in files shared by workers.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
 CACHE_HITS = Counter("xrates_cache_hits", "GETs of one rate served from the LRU")
 CACHE_MISSES = Counter("xrates_cache_misses", "GETs of one rate read from the database, then cached")
 CACHE_BYPASSES = Counter("xrates_cache_bypasses", "GETs of one rate read from the database "
@@ -41,7 +44,7 @@ def observe_request(route: str, status: int, seconds: float) -> None:
 
 def render() -> tuple[bytes, str]:
     """The metrics text: every worker's values when multiprocess mode is on."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROCESS:
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
@@ -78,7 +81,7 @@ class WorkerMetrics:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if MULTIPROCESS:
             with contextlib.suppress(Exception):  # a gone worker must not count as live
                 _multiprocess.mark_process_dead(os.getpid())
 

@@ -191,6 +191,7 @@ class Store:
         self.timeout_s = settings.db_timeout_s
         self.hits = self.misses = self.bypasses = 0
         self.notifications_applied = 0
+        self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, url: str) -> None:
@@ -203,19 +204,28 @@ class Store:
         self.listener = util.Listener(
             url, CHANNEL, self.apply_payload, self.cache.enable, self._listener_down,
             self._send_notify, self.settings.heartbeat_s, self.settings.heartbeat_timeout_s,
+            on_heartbeat=self.cache.pass_barrier,
         )
         self.listener.start()
 
     async def close(self) -> None:
-        """Listener first (it uses the pool for heartbeats), then the pool."""
+        """Listener first (it uses the pool for heartbeats), then the pool. Idempotent.
+
+        The pool is terminated, not awaited: the server has drained its requests by now,
+        and an awaited close can outlive the worker's event loop at shutdown.
+        """
+        if self._closed:
+            return
+        self._closed = True
         if self.listener is not None:
             await self.listener.close()
         if self.pool is not None:
-            try:
-                await asyncio.wait_for(self.pool.close(), self.timeout_s * 2)
-            except (TimeoutError, *_UNAVAILABLE):
-                self.pool.terminate()
+            self.pool.terminate()
         log.info("event=store_closed")
+
+    def _next_heartbeat(self) -> int:
+        listener = self.listener
+        return listener.heartbeats_sent + 1 if listener is not None else 1
 
     def _listener_down(self, _reason: str) -> None:
         self.cache.disable()
@@ -288,7 +298,10 @@ class Store:
         except BaseException:
             cache.cancel_fill(token)
             raise
-        cache.finish_fill(token, rate.version if rate else ABSENT_VERSION, rate)
+        if rate is not None:
+            cache.finish_fill(token, rate.version, rate)
+        else:  # a 404 is cached once the next heartbeat proves no change is in flight
+            cache.finish_fill(token, ABSENT_VERSION, None, barrier=self._next_heartbeat())
         self.misses += 1
         return rate, MISS
 
@@ -342,3 +355,156 @@ class Store:
     @property
     def listener_connected(self) -> bool:
         return self.listener is not None and self.listener.connected
+
+
+# ===== updater: SQL and functions (updater.py) =====
+# The leading updater holds this session-level advisory lock on its own connection
+# (a bigint key: distinct from util.SCHEMA_LOCK_KEY and from the two-int keys of the rate triggers).
+LEADER_LOCK_KEY = 7_823_011_002
+RUN_HISTORY_KEEP = 1000  # finished runs kept (SPEC §6)
+
+_UPDATER_RUN_COLUMNS = f"{_RUN_COLUMNS}, runner"
+
+TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock($1)"
+RELEASE_LEADER_LOCK = "SELECT pg_advisory_unlock($1)"
+# A bigint advisory key shows in pg_locks as classid = high 32 bits, objid = low 32 bits, objsubid 1.
+SELECT_LEADER = (
+    "SELECT l.pid, a.application_name FROM pg_locks l "
+    "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND l.classid = ($1::bigint >> 32)::oid AND l.objid = ($1::bigint & 4294967295)::oid"
+)
+
+# Only the leader runs jobs, so once a process holds the lock every 'running' run is an orphan.
+FAIL_ORPHANED_RUNS = (
+    "UPDATE update_run SET status = 'failed', error = $1, finished_at = now() "
+    "WHERE status = 'running' RETURNING id, runner"
+)
+# The oldest queued run (or run $3 when given); SKIP LOCKED so two claimers never block or collide.
+CLAIM_QUEUED_RUN = (
+    "UPDATE update_run SET status = 'running', started_at = now(), runner = $1, "
+    "progress_total = COALESCE(cardinality(requested), $2) "
+    "WHERE status = 'queued' AND id = ("
+    "SELECT id FROM update_run WHERE status = 'queued' AND ($3::bigint IS NULL OR id = $3) "
+    "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+    f"RETURNING {_UPDATER_RUN_COLUMNS}"
+)
+# A run that starts at once (schedule, or --once as leader); status 'running' sends no NOTIFY.
+INSERT_STARTED_RUN = (
+    "INSERT INTO update_run (trigger, status, started_at, runner, progress_total) "
+    "VALUES ($1, 'running', now(), $2, $3) "
+    f"RETURNING {_UPDATER_RUN_COLUMNS}"
+)
+RECORD_SOURCE_RESULT = (
+    "UPDATE update_run SET progress_done = progress_done + 1, "
+    "sources = sources || jsonb_build_object($2::text, $3::jsonb) "
+    "WHERE id = $1 AND status = 'running'"
+)
+# Guarded by status: a run a successor already declared orphaned keeps that verdict.
+FINISH_RUN = (
+    "UPDATE update_run SET status = $2, error = $3, finished_at = now() "
+    "WHERE id = $1 AND status = 'running' "
+    f"RETURNING {_UPDATER_RUN_COLUMNS}"
+)
+SELECT_UPDATER_RUN = f"SELECT {_UPDATER_RUN_COLUMNS} FROM update_run WHERE id = $1"
+# Queued and running runs are never deleted: they are requests not yet answered.
+DELETE_OLD_RUNS = (
+    "DELETE FROM update_run WHERE status IN ('succeeded', 'failed') AND id < "
+    "(SELECT id FROM update_run ORDER BY id DESC OFFSET $1 - 1 LIMIT 1)"
+)
+
+# The stored rows for a feed's pairs (char(3) arrays so the primary key index is used).
+SELECT_STORED_RATES = (
+    "SELECT base, quote, rate, source, as_of FROM rate "
+    "WHERE (base, quote) IN (SELECT * FROM unnest($1::char(3)[], $2::char(3)[]))"
+)
+# One bulk upsert per source run. A row changes only if its source does not outrank the feed
+# ($5 lists the sources that do), the rate differs and as_of is not older (SPEC §3); unchanged
+# rows are not rewritten, so they draw no version and send no notification.
+UPSERT_FEED_RATES = (
+    "INSERT INTO rate (base, quote, rate, source, as_of) "
+    "SELECT b, q, r, $4, a FROM unnest($1::text[], $2::text[], $3::numeric[], $6::timestamptz[]) "
+    "AS t(b, q, r, a) "
+    "ON CONFLICT (base, quote) DO UPDATE "
+    "SET rate = EXCLUDED.rate, source = EXCLUDED.source, as_of = EXCLUDED.as_of "
+    "WHERE rate.source <> ALL($5::text[]) AND rate.rate <> EXCLUDED.rate "
+    "AND EXCLUDED.as_of >= rate.as_of "
+    "RETURNING base, quote"
+)
+
+
+async def try_leader_lock(conn: asyncpg.Connection) -> bool:
+    """Take the leader lock on this (dedicated) connection if no session holds it."""
+    return await conn.fetchval(TRY_LEADER_LOCK, LEADER_LOCK_KEY)
+
+
+async def release_leader_lock(conn: asyncpg.Connection) -> bool:
+    return await conn.fetchval(RELEASE_LEADER_LOCK, LEADER_LOCK_KEY)
+
+
+async def leader(conn: asyncpg.Connection) -> asyncpg.Record | None:
+    """The session holding the leader lock in this database (pid, application_name), or None."""
+    return await conn.fetchrow(SELECT_LEADER, LEADER_LOCK_KEY)
+
+
+async def fail_orphaned_runs(conn: asyncpg.Connection, error: str) -> list[asyncpg.Record]:
+    """Mark every 'running' run failed with ``error``; the (id, runner) of each."""
+    return await conn.fetch(FAIL_ORPHANED_RUNS, error)
+
+
+async def claim_queued_run(conn: asyncpg.Connection, runner: str, default_total: int,
+                           run_id: int | None = None) -> asyncpg.Record | None:
+    """Start the oldest queued run (or run ``run_id``) as ``runner``; None if there is none."""
+    return await conn.fetchrow(CLAIM_QUEUED_RUN, runner, default_total, run_id)
+
+
+async def insert_started_run(conn: asyncpg.Connection, trigger: str, runner: str,
+                             total: int) -> asyncpg.Record:
+    return await conn.fetchrow(INSERT_STARTED_RUN, trigger, runner, total)
+
+
+async def record_source_result(conn: asyncpg.Connection, run_id: int, source: str,
+                               result: dict[str, Any]) -> None:
+    """Count one more source done and store its {fetched, changed, error}."""
+    await conn.execute(RECORD_SOURCE_RESULT, run_id, source, json.dumps(result))
+
+
+async def finish_run(conn: asyncpg.Connection, run_id: int, status: str,
+                     error: str | None) -> asyncpg.Record | None:
+    """Close a running run; None if it was no longer running (a successor failed it)."""
+    return await conn.fetchrow(FINISH_RUN, run_id, status, error)
+
+
+async def get_updater_run(conn: asyncpg.Connection, run_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(SELECT_UPDATER_RUN, run_id)
+
+
+async def queue_manual_run(conn: asyncpg.Connection,
+                           sources: Sequence[str] | None = None) -> asyncpg.Record:
+    """What POST /v1/updates does: a queued manual run (NOTIFYs the leader)."""
+    return await conn.fetchrow(INSERT_MANUAL_RUN, list(sources) if sources is not None else None)
+
+
+async def delete_old_runs(conn: asyncpg.Connection, keep: int = RUN_HISTORY_KEEP) -> int:
+    """Delete finished runs older than the newest ``keep`` runs; how many were deleted."""
+    status = await conn.execute(DELETE_OLD_RUNS, keep)
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def stored_rates(conn: asyncpg.Connection,
+                       pairs: Sequence[tuple[str, str]]) -> list[asyncpg.Record]:
+    """The stored (base, quote, rate, source, as_of) of these pairs (rate as Decimal)."""
+    return await conn.fetch(SELECT_STORED_RATES, [b for b, _ in pairs], [q for _, q in pairs])
+
+
+async def upsert_feed_rates(conn: asyncpg.Connection, source: str,
+                            rows: Sequence[tuple[str, str, Decimal, datetime]],
+                            outranking: Sequence[str]) -> int:
+    """Bulk upsert a feed's (base, quote, rate, as_of) rows; how many rows changed."""
+    changed = await conn.fetch(
+        UPSERT_FEED_RATES,
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], source,
+        list(outranking), [r[3] for r in rows],
+    )
+    return len(changed)

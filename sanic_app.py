@@ -680,14 +680,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Resolve the database once, here: workers must not race to start an embedded server.
     os.environ["DATABASE_URL"] = util.database_url(SETTINGS)
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Workers are separate processes: they share metrics through files here.
         directory = tempfile.mkdtemp(prefix="xrates-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
     log.info("event=api_start host=%s port=%d workers=%d settings=%r", args.host, args.port,
              args.workers, SETTINGS)
     app.run(host=args.host, port=args.port, workers=args.workers,
-            access_log=SETTINGS.access_log, single_process=False)
+            access_log=SETTINGS.access_log,
+            # One worker: serve in this process (no manager process to race at shutdown).
+            single_process=args.workers == 1)
     return 0
 
 

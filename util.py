@@ -399,6 +399,7 @@ class Listener:
         heartbeat_s: float,
         heartbeat_timeout_s: float,
         application_name: str = "xrates-listener",
+        on_heartbeat: Callable[[int], None] | None = None,
     ) -> None:
         self.url = url
         self.channel = channel
@@ -409,6 +410,8 @@ class Listener:
         self.heartbeat_s = heartbeat_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.application_name = application_name
+        self.on_heartbeat = on_heartbeat
+        self.heartbeats_sent = 0  # numbers the heartbeats: a barrier in the stream
         self.instance_id = uuid.uuid4().hex[:12]
         self._hb_prefix = '{"op":"hb","id":"' + self.instance_id + '"'
         self.connected = False
@@ -437,6 +440,9 @@ class Listener:
             if payload.startswith(self._hb_prefix):
                 self._last_heartbeat = time.monotonic()
                 self._heartbeat_seen.set()
+                if self.on_heartbeat is not None:
+                    # Everything committed before this heartbeat was sent has arrived.
+                    self.on_heartbeat(json.loads(payload)["n"])
             return
         try:
             self.on_payload(payload)
@@ -450,8 +456,9 @@ class Listener:
 
     async def _heartbeat(self) -> None:
         self._heartbeat_seen.clear()
-        payload = json.dumps({"op": "hb", "id": self.instance_id, "t": time.time()},
-                             separators=(",", ":"))
+        self.heartbeats_sent += 1
+        payload = json.dumps({"op": "hb", "id": self.instance_id, "n": self.heartbeats_sent,
+                              "t": time.time()}, separators=(",", ":"))
         with contextlib.suppress(Exception):  # a failed send shows up as a missing receipt
             await self.send_heartbeat(self.channel, payload)
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 import asyncpg
 import httpx
 import pytest
-from conftest import ApiProcess, fresh_database
+from conftest import ApiProcess, fresh_database, wait_for
 
 JSON = {"Content-Type": "application/json"}
 
@@ -143,11 +143,17 @@ async def test_x_cache_miss_then_hit(api: httpx.AsyncClient, db: asyncpg.Connect
     # Written straight through SQL: the notification puts it in the cache (push refresh)...
     await db.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
                      "VALUES ('SEK', 'NOK', 0.98, 'manual', now())")
-    # ...and an absent key is a miss first, then a cached negative result.
+    # ...and an absent key is a miss first, then (once the next heartbeat has proved that
+    # no change of it was in flight) a cached negative result.
     first = await api.get("/v1/rates/PLN/CZK")
     assert (first.status_code, first.headers["x-cache"]) == (404, "miss")
-    second = await api.get("/v1/rates/PLN/CZK")
-    assert (second.status_code, second.headers["x-cache"]) == (404, "hit")
+
+    async def cached_404() -> bool:
+        again = await api.get("/v1/rates/PLN/CZK")
+        assert again.status_code == 404
+        return again.headers["x-cache"] == "hit"
+
+    await wait_for(cached_404, 5, what="the negative result to be cached")
 
 
 # --------------------------------------------------------------------------- convert

@@ -124,18 +124,36 @@ def test_own_write_survives_eviction_against_its_late_older_notification() -> No
     assert cache.apply("USDEUR", 1, "v1") is False  # the late older notification
     assert cache.lookup("USDEUR") is None
     assert cache.apply("USDEUR", 2, "v2")  # its own notification caught up
-    assert cache._ahead == {}
+    assert len(cache._ahead) == 0
 
 
-def test_negative_fill_after_own_write_ranks_with_that_write() -> None:
+def test_negative_fill_waits_for_the_heartbeat_barrier() -> None:
+    cache = enabled_cache()
+    token = cache.begin_fill("USDEUR")
+    assert cache.finish_fill(token, ABSENT_VERSION, None, barrier=7) is False
+    assert cache.lookup("USDEUR") is None  # not yet provably current
+    assert cache.pass_barrier(6) == 0
+    assert cache.pass_barrier(7) == 1
+    assert cache.lookup("USDEUR") == Entry(ABSENT_VERSION, None)
+
+
+def test_negative_fill_is_dropped_if_the_key_changes_before_the_barrier() -> None:
+    cache = enabled_cache(size=1)
+    token = cache.begin_fill("USDEUR")
+    cache.finish_fill(token, ABSENT_VERSION, None, barrier=1)
+    cache.apply("USDEUR", 4, "v4")  # an insert committed before the read: still in flight
+    cache.apply("GBPUSD", 5, "x")  # evicts it
+    assert cache.pass_barrier(1) == 0
+    assert cache.lookup("USDEUR") is None
+
+
+def test_negative_fill_never_hides_a_state_known_ahead_of_the_stream() -> None:
     cache = enabled_cache(size=1)
     cache.apply("USDEUR", 1, "v1", own_write=True)
     cache.apply("GBPUSD", 2, "x")  # evicts USDEUR
-    token = cache.begin_fill("USDEUR")  # someone deleted it (v3, notification in flight)
-    assert cache.finish_fill(token, ABSENT_VERSION, None)
-    assert cache.apply("USDEUR", 1, "v1") is False  # our write's late NOTIFY: no resurrection
-    assert cache.lookup("USDEUR").value is None
-    assert cache.apply("USDEUR", 3, None)
+    token = cache.begin_fill("USDEUR")
+    assert cache.finish_fill(token, ABSENT_VERSION, None) is False
+    assert cache.lookup("USDEUR") is None
 
 
 def test_flush_forgets_own_writes_ahead() -> None:
@@ -143,7 +161,7 @@ def test_flush_forgets_own_writes_ahead() -> None:
     cache.apply("USDEUR", 5, "v5", own_write=True)
     cache.disable()  # the listener dropped: v5's notification may never come
     cache.enable()
-    assert cache._ahead == {}
+    assert len(cache._ahead) == 0
     assert cache.apply("USDEUR", 6, "v6")
 
 
@@ -168,7 +186,8 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
         self.version = 0
         self.db: dict[str, tuple[int, str | None]] = {}
         self.history: dict[tuple[str, int], str | None] = {}
-        self.queue: list[tuple[str, int, str | None]] = []
+        self.queue: list[tuple[str, int, str | None]] = []  # key "hb" carries a heartbeat
+        self.heartbeats_sent = 0
         self.applied_max: dict[str, int] = {}  # highest version applied since the last flush
         self.reads: list[dict] = []
         # key -> (version the cache gave a negative fill, DB version the read observed)
@@ -207,7 +226,16 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
     @rule()
     def deliver(self) -> None:
         key, version, value = self.queue.pop(0)
-        self._apply(key, version, value)
+        if key == "hb":
+            self.cache.pass_barrier(version)
+        else:
+            self._apply(key, version, value)
+
+    @rule()
+    def send_heartbeat(self) -> None:
+        self.heartbeats_sent += 1
+        if self.connected:
+            self.queue.append(("hb", self.heartbeats_sent, None))
 
     # -- the listener -----------------------------------------------------------------
     @precondition(lambda self: self.connected)
@@ -251,9 +279,13 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
             read["snapshot"] = (ABSENT_VERSION, None) if value is None else (version, value)
         else:
             self.reads.remove(read)
-            if self.cache.finish_fill(read["token"], *read["snapshot"]) and (
-                    read["snapshot"][1] is None):
-                self.negative_fills[key] = (self.cache.lookup(key).version, read["observed"])
+            version, value = read["snapshot"]
+            if value is None:  # negative: cached when the next heartbeat comes back
+                self.cache.finish_fill(read["token"], version, value,
+                                       barrier=self.heartbeats_sent + 1)
+                self.negative_fills[key] = (ABSENT_VERSION, read["observed"])
+            else:
+                self.cache.finish_fill(read["token"], version, value)
 
     @precondition(lambda self: self.reads)
     @rule(pick=st.integers(0, 3))
@@ -290,6 +322,7 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
         # cached entry equals the database.
         if not self.connected:
             self.reconnect()
+        self.send_heartbeat()
         while self.queue:
             self.deliver()
         for read in list(self.reads):

@@ -122,9 +122,13 @@ async def test_a_read_that_raced_with_a_newer_change_never_overwrites_it(gated, 
 
     await wait_for(lambda: _true(cached_version() == new_version), 5, what="v2 pushed")
     if evict:  # ... and is evicted by other keys (cache size 2) before the stale fill lands
+        applied = store.notifications_applied
         await sql.execute(INSERT, "AAA", "BBB", "1")
         await sql.execute(INSERT, "CCC", "DDD", "1")
-        await wait_for(lambda: _true(store.cache.lookup("USDEUR") is None), 5, what="eviction")
+        # (no lookups while waiting: a lookup would make USDEUR the most recently used)
+        await wait_for(lambda: _true(store.notifications_applied >= applied + 2), 5,
+                       what="two more notifications")
+        assert store.cache.lookup("USDEUR") is None  # evicted
     store.gate.set()
     rate, how = await reader
     assert (rate.version, how) == (old_version, model.MISS)  # that response was already in flight
