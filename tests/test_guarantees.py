@@ -422,3 +422,28 @@ async def test_version_order_under_concurrent_delete_and_reinsert(db_url, sql, s
         return True
 
     await wait_for(both_serve_db, 5, what="no tombstone over a live row, nor the reverse")
+
+
+# --------------------------------------------------------------------------- overload
+async def test_a_database_call_that_hangs_answers_503_fast(db_url, sql, start_api) -> None:
+    api = await start_api(db_url, env={"XRATES_DB_TIMEOUT": "0.5"})
+    await sql.execute(INSERT, "USD", "EUR", "1.1")
+    blocker = await asyncpg.connect(db_url)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("LOCK TABLE rate IN ACCESS EXCLUSIVE MODE")  # every query waits
+        for method, path, body in (("GET", "/v1/rates", None), ("GET", "/v1/rates/CHF/JPY", None),
+                                   ("PUT", "/v1/rates/USD/EUR", {"rate": 2})):
+            started = time.monotonic()
+            response = await api.client.request(method, path, json=body)
+            elapsed = time.monotonic() - started
+            assert response.status_code == 503, (path, response.text)
+            assert "error" in response.json()
+            assert elapsed < 3.0, (path, elapsed)  # bounded by the timeout, never a hang
+        cached = await get(api, "USD", "EUR")  # the cache still answers from memory
+        assert (cached.status_code, cached.headers["x-cache"]) == (200, "hit")
+        await transaction.rollback()
+    finally:
+        await blocker.close()
+    assert (await api.client.put("/v1/rates/USD/EUR", json={"rate": 2})).status_code == 200
