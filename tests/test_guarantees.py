@@ -447,3 +447,27 @@ async def test_a_database_call_that_hangs_answers_503_fast(db_url, sql, start_ap
     finally:
         await blocker.close()
     assert (await api.client.put("/v1/rates/USD/EUR", json={"rate": 2})).status_code == 200
+
+
+async def test_an_unmigrated_database_answers_503_not_500(pg, start_api) -> None:
+    admin = await asyncpg.connect(pg.url)
+    name = f"xrates_empty_{os.getpid()}_{random.randrange(10**6)}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
+    api = await start_api(url, wait=False)  # XRATES_AUTO_MIGRATE=0: nobody creates the schema
+
+    async def answers() -> bool:
+        try:
+            return (await api.client.get("/health")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await wait_for(answers, 30, 0.05, "the API to answer")
+    assert (await api.client.get("/ready")).status_code == 503
+    for path in ("/v1/rates", "/v1/rates/USD/EUR", "/v1/updates"):
+        response = await api.client.get(path)
+        assert response.status_code == 503, (path, response.text)
+    await util.migrate(url)  # the migrate step runs late: the instance recovers by itself
+    await wait_for(lambda: _status(api, "/ready", 200), 10, what="ready after migration")
+    assert (await api.client.get("/v1/rates")).json() == {"rates": [], "count": 0}
