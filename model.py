@@ -51,7 +51,7 @@ UPSERT_RATE = (
 )
 DELETE_RATE = "SELECT rate_delete($1, $2)"  # returns the tombstone's version, or NULL
 NOTIFY = "SELECT pg_notify($1, $2)"
-PING = "SELECT 1"
+PING = "SELECT 1 FROM rate LIMIT 0"  # also proves the schema is there
 
 _RUN_COLUMNS = (
     "id, status, trigger, requested, progress_done, progress_total, sources::text AS sources, "
@@ -104,6 +104,9 @@ _UNAVAILABLE = (
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.ConnectionFailureError,
+    # The schema is not (yet) migrated, e.g. API pods that started before the migrate job.
+    asyncpg.exceptions.UndefinedTableError,
+    asyncpg.exceptions.UndefinedFunctionError,
 )
 
 
