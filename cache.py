@@ -16,6 +16,8 @@ from typing import Any
 
 from boltons.cacheutils import LRI, LRU
 
+_dict_get = dict.get  # see RateCache.apply
+
 # Version of a negative entry from a read that found no row: any real change outranks it.
 ABSENT_VERSION = 0
 # States known ahead of the notification stream that are remembered (see RateCache._ahead).
@@ -183,9 +185,14 @@ class RateCache:
         if self._pending_negative:
             self._pending_negative.pop(key, None)  # a change: the negative result is moot
         self.applied += 1
-        if not self._enabled or self._lru is None:
+        lru = self._lru
+        if not self._enabled or lru is None:
             return False
-        ahead = self._ahead.get(key)
+        # boltons' LRI/LRU are dicts holding the same values as their linked lists. Their
+        # .get() raises and catches KeyError on a miss (slow on the notification path, where
+        # most keys are absent); the plain dict read answers the same without reordering, and
+        # the store below moves the key to the front anyway.
+        ahead = _dict_get(self._ahead, key)
         if own_write:
             if ahead is None or version > ahead:
                 self._ahead[key] = version
@@ -193,8 +200,8 @@ class RateCache:
             if version < ahead:
                 return False  # older than a state already served, which may have been evicted
             del self._ahead[key]  # the stream has caught up
-        current = self._lru.get(key)
+        current = _dict_get(lru, key)
         if current is not None and current.version >= version:
             return False
-        self._lru[key] = Entry(version, value)
+        lru[key] = Entry(version, value)
         return True

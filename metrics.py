@@ -1,15 +1,17 @@
 """Prometheus metrics of an API instance, aggregated over its worker processes.
 
-The hot path only bumps plain integers on model.Store; ``WorkerMetrics`` copies them into
-the (multiprocess, mmap-backed) Prometheus values once a second and before each scrape,
-so a cache hit pays no metrics I/O.
+The hot path only bumps plain integers (on model.Store, and per-route latency counts here);
+``WorkerMetrics`` copies them into the Prometheus values (mmap-backed when several workers
+share them) once a second and before each scrape, so a cache hit pays no metrics I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
+from bisect import bisect_left
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,15 +33,54 @@ CACHE_BYPASSES = Counter("xrates_cache_bypasses", "GETs of one rate read from th
                          "without caching (listener down or cache off)")
 NOTIFICATIONS = Counter("xrates_notifications_applied", "Changed rows applied from NOTIFY payloads")
 LISTENER_RECONNECTS = Counter("xrates_listener_reconnects", "Listener reconnect attempts")
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                     0.5, 1.0, 2.5)
 REQUEST_LATENCY = Histogram(
     "xrates_request_duration_seconds", "Request handling time", ["route", "status"],
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-             1.0, 2.5),
+    buckets=LATENCY_BUCKETS_S,
 )
+
+# Request latencies are counted per (route, status) in plain lists on the hot path and added
+# to REQUEST_LATENCY in bulk by flush_requests() (each WorkerMetrics.sync, so at least once a
+# second and before every scrape): a labelled Histogram.observe costs a lock, a label lookup
+# and two value updates per request. Adding counts in bulk uses the histogram's bucket values
+# (prometheus_client has no public bulk API); a version without them falls back to observe.
+_UPPER_BOUNDS = (*LATENCY_BUCKETS_S, math.inf)  # as prometheus_client: "le", then +Inf
+_pending: dict[tuple[str, int], list[float]] = {}
+_bulk = True  # until a histogram child shows that it cannot take counts in bulk
 
 
 def observe_request(route: str, status: int, seconds: float) -> None:
-    REQUEST_LATENCY.labels(route, str(status)).observe(seconds)
+    """Record one request's handling time (cheap: no lock, no Prometheus value touched)."""
+    if not _bulk:
+        REQUEST_LATENCY.labels(route, str(status)).observe(seconds)
+        return
+    counts = _pending.get((route, status))
+    if counts is None:
+        counts = _pending[(route, status)] = [0] * (len(_UPPER_BOUNDS) + 1)
+    counts[bisect_left(_UPPER_BOUNDS, seconds)] += 1  # the first bucket with seconds <= le
+    counts[-1] += seconds
+
+
+def flush_requests() -> None:
+    """Add the request latencies recorded since the last flush to REQUEST_LATENCY."""
+    global _bulk
+    pending = list(_pending.items())
+    _pending.clear()
+    for (route, status), counts in pending:
+        child = REQUEST_LATENCY.labels(route, str(status))
+        buckets, total = getattr(child, "_buckets", None), getattr(child, "_sum", None)
+        if (buckets is None or total is None
+                or tuple(getattr(child, "_upper_bounds", ())) != _UPPER_BOUNDS):
+            _bulk = False  # from now on every request observes; these get their bucket's bound
+            for bound, count in zip(_UPPER_BOUNDS, counts[:-1], strict=False):
+                for _ in range(int(count)):
+                    child.observe(min(bound, LATENCY_BUCKETS_S[-1] * 2))
+            continue
+        total.inc(counts[-1])
+        for bucket, count in zip(buckets, counts[:-1], strict=True):
+            if count:
+                bucket.inc(count)
 
 
 def render() -> tuple[bytes, str]:
@@ -81,6 +122,7 @@ class WorkerMetrics:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        flush_requests()
         if MULTIPROCESS:
             with contextlib.suppress(Exception):  # a gone worker must not count as live
                 _multiprocess.mark_process_dead(os.getpid())
@@ -91,6 +133,7 @@ class WorkerMetrics:
         return delta
 
     def sync(self) -> None:
+        flush_requests()
         store = self.store
         listener = store.listener
         CACHE_HITS.inc(self._delta("hits", store.hits))

@@ -6,18 +6,21 @@ Handlers (sanic_app.py) and the updater call functions here; they never build SQ
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import os
+import sys
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
 import util
-from cache import ABSENT_VERSION, RateCache
+from cache import ABSENT_VERSION, Entry, RateCache
 
 log = logging.getLogger("xrates.model")
 
@@ -25,6 +28,8 @@ CHANNEL = "xrates"  # must equal xrates_channel() in triggers.sql (tested)
 RUNS_CHANNEL = "xrates_runs"
 
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
+SLICE_ROWS = 100  # notification rows applied per event-loop iteration before yielding
+_yield_cpu = getattr(os, "sched_yield", lambda: None)
 
 # ----------------------------------------------------------------------------- SQL
 _RATE_COLUMNS = "base, quote, rate::text AS rate, source, as_of, updated_at, version"
@@ -116,16 +121,20 @@ def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat()
 
 
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """One rate as served: fields plus its pre-encoded JSON body and ETag."""
+_intern = sys.intern  # currency codes: a few hundred strings shared by every cached rate
+
+
+class Rate(NamedTuple):
+    """One rate as served: its pair, exact rate text and version, plus its JSON body and ETag
+    encoded once (the hit path only copies bytes).
+
+    Immutable and small, since the cache holds one per pair: source and timestamps live only
+    in the body (read them through the properties), and the currency codes are interned.
+    """
 
     base: str
     quote: str
     rate: str  # the exact decimal text, as stored
-    source: str
-    as_of: str
-    updated_at: str
     version: int
     body: bytes
     etag: str
@@ -134,33 +143,58 @@ class Rate:
     def decimal(self) -> Decimal:
         return Decimal(self.rate)
 
+    @property
+    def source(self) -> str:
+        return json.loads(self.body)["source"]
+
+    @property
+    def as_of(self) -> str:
+        return json.loads(self.body)["as_of"]
+
+    @property
+    def updated_at(self) -> str:
+        return json.loads(self.body)["updated_at"]
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "base": self.base, "quote": self.quote, "rate": Decimal(self.rate),
-            "source": self.source, "as_of": self.as_of, "updated_at": self.updated_at,
-            "version": self.version,
-        }
+        return json.loads(self.body, parse_float=Decimal)
+
+
+@functools.lru_cache(maxsize=256)
+def _json_text(text: str) -> str:
+    return json.dumps(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso_text(text: str) -> str:
+    """iso() of a timestamp as PostgreSQL wrote it into a payload (in the writer's TimeZone).
+    Memoised: a bulk write's rows share their updated_at (and usually their as_of)."""
+    return iso(datetime.fromisoformat(text))
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso_datetime(moment: datetime) -> str:
+    return iso(moment)
 
 
 def make_rate(base: str, quote: str, rate: str, source: str, as_of: str, updated_at: str,
               version: int) -> Rate:
     """Build a Rate and encode its body once (the hit path only copies bytes)."""
     body = (
-        f'{{"base":"{base}","quote":"{quote}","rate":{rate},"source":{json.dumps(source)},'
+        f'{{"base":"{base}","quote":"{quote}","rate":{rate},"source":{_json_text(source)},'
         f'"as_of":"{as_of}","updated_at":"{updated_at}","version":{version}}}'
     ).encode()
-    return Rate(base, quote, rate, source, as_of, updated_at, version, body, f'"{version}"')
+    return Rate(_intern(base), _intern(quote), rate, version, body, f'"{version}"')
 
 
 def rate_from_record(rec: asyncpg.Record) -> Rate:
-    return make_rate(rec["base"], rec["quote"], rec["rate"], rec["source"], iso(rec["as_of"]),
-                     iso(rec["updated_at"]), rec["version"])
+    return make_rate(rec["base"], rec["quote"], rec["rate"], rec["source"],
+                     _iso_datetime(rec["as_of"]), _iso_datetime(rec["updated_at"]), rec["version"])
 
 
 def rate_from_notification(row: list) -> Rate:
     key, version, rate, source, as_of, updated_at = row
-    return make_rate(key[:3], key[3:], rate, source, iso(datetime.fromisoformat(as_of)),
-                     iso(datetime.fromisoformat(updated_at)), version)
+    return make_rate(key[:3], key[3:], rate, source, _iso_text(as_of), _iso_text(updated_at),
+                     version)
 
 
 def run_from_record(rec: asyncpg.Record) -> dict[str, Any]:
@@ -195,6 +229,11 @@ class Store:
         self.hits = self.misses = self.bypasses = 0
         self.notifications_applied = 0
         self._closed = False
+        # Notifications waiting their turn (see apply_payload): payloads, and heartbeat numbers
+        # (ints) that must pass only after the payloads that arrived before them.
+        self._backlog: deque[str | int] = deque()
+        self._slice_rows = 0  # rows applied in this event-loop iteration
+        self._drain_scheduled = False
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, url: str) -> None:
@@ -207,7 +246,7 @@ class Store:
         self.listener = util.Listener(
             url, CHANNEL, self.apply_payload, self.cache.enable, self._listener_down,
             self._send_notify, self.settings.heartbeat_s, self.settings.heartbeat_timeout_s,
-            on_heartbeat=self.cache.pass_barrier,
+            on_heartbeat=self._heartbeat_arrived,
         )
         self.listener.start()
 
@@ -231,6 +270,7 @@ class Store:
         return listener.heartbeats_sent + 1 if listener is not None else 1
 
     def _listener_down(self, _reason: str) -> None:
+        self._backlog.clear()  # from the lost connection: the flush below forgets them too
         self.cache.disable()
 
     async def _send_notify(self, channel: str, payload: str) -> None:
@@ -238,14 +278,44 @@ class Store:
 
     # -- notifications (synchronous: called from the listener's callback) -------------
     def apply_payload(self, payload: str) -> None:
-        """Apply one notification payload from triggers.sql to the cache."""
+        """Apply one notification payload from triggers.sql to the cache.
+
+        Payloads are applied in arrival order, at once unless this event-loop iteration has
+        already applied SLICE_ROWS rows: a burst (a bulk write of 1,000 rates arrives as 25
+        payloads in one read) then waits in a backlog that is applied a slice per iteration,
+        so requests are never stalled for longer than one slice. Heartbeats that arrive behind
+        a backlog wait in it too (_heartbeat_arrived): a barrier passes only once everything
+        before it is applied. The backlog only fills while the cache is enabled and is cleared
+        when the listener goes down, so nothing from before a gap is applied after it.
+
+        A payload applied at once that cannot be applied raises (the listener then
+        reconnects, which flushes the cache); one from the backlog flushes the cache itself.
+        """
+        if self.cache.enabled and (self._backlog or self._slice_rows >= SLICE_ROWS):
+            self._backlog.append(payload)
+        else:
+            self._slice_rows += self._apply_payload_now(payload)
+        self._schedule_drain()
+
+    def _heartbeat_arrived(self, number: int) -> None:
+        if self._backlog:
+            self._backlog.append(number)
+        else:
+            self.cache.pass_barrier(number)
+
+    def _apply_payload_now(self, payload: str) -> int:
+        """Apply one payload; the number of rows it carried."""
         message = json.loads(payload)
         op = message["op"]
         cache = self.cache
         if op == "u":
             rows = message["rows"]
-            for row in rows:
-                cache.apply(row[0], row[1], rate_from_notification(row))
+            if cache.enabled:
+                for row in rows:
+                    cache.apply(row[0], row[1], rate_from_notification(row))
+            else:  # nothing is stored: skip building the values
+                for row in rows:
+                    cache.apply(row[0], row[1], None)
         elif op == "d":
             rows = message["rows"]
             for key, version in rows:
@@ -256,6 +326,38 @@ class Store:
         else:
             raise ValueError(f"unknown notification op {op!r}")
         self.notifications_applied += len(rows)
+        return len(rows) or 1
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """A new event-loop iteration: reset the slice and apply the next slice of the backlog."""
+        self._drain_scheduled = False
+        self._slice_rows = 0
+        backlog = self._backlog
+        try:
+            while backlog and self._slice_rows < SLICE_ROWS:
+                item = backlog.popleft()
+                if isinstance(item, int):
+                    self.cache.pass_barrier(item)
+                else:
+                    self._slice_rows += self._apply_payload_now(item)
+        except Exception:
+            # A payload we cannot apply: forget everything (as a reconnect would); changes
+            # after it still arrive, and fills read the database again.
+            log.exception("event=notification_failed action=flush")
+            backlog.clear()
+            self.cache.flush()
+        if backlog:
+            # Still a burst to apply: let other processes on this core (the other workers or
+            # instances, which take the same burst) answer their requests in between, rather
+            # than waiting for the scheduler to take the core from this one.
+            _yield_cpu()
+        if backlog or self._slice_rows:
+            self._schedule_drain()
 
     # -- database calls -----------------------------------------------------------------
     async def _call(self, method: str, sql: str, *args: Any) -> Any:
@@ -284,6 +386,15 @@ class Store:
         await self._call("fetchval", PING)
 
     # -- reads --------------------------------------------------------------------------
+    def cached(self, key: str) -> Entry | None:
+        """The cache entry of ``key`` (base + quote) if it can be served from memory now,
+        counted as a hit; None on a miss or while the cache is bypassed. The hit path of
+        ``get_rate`` without a coroutine: callers fall back to ``get_rate`` on None."""
+        entry = self.cache.lookup(key)
+        if entry is not None:
+            self.hits += 1
+        return entry
+
     async def get_rate(self, base: str, quote: str) -> tuple[Rate | None, str]:
         """The current rate of a pair (None if absent) and how it was served."""
         cache = self.cache

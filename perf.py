@@ -1,0 +1,1352 @@
+"""Timing helpers and the benchmark of xrates (SPEC §7).
+
+    python perf.py bench [--json PATH] [--quick]
+
+``aelapsed`` logs how long a coroutine took; ``aprofiler`` is a metaclass that wraps every
+coroutine method of a class (a class-based view) with it; ``profile_routes`` wraps every
+route handler of a Sanic app. sanic_app.py applies them only when ``XRATES_PROFILE=1``.
+
+The benchmark starts its own PostgreSQL (embedded, in a temporary directory) and its own
+API processes on 127.0.0.1, pins the API to one core and the load generator (wrk), the
+benchmark driver and PostgreSQL to the other, measures every figure at least three times
+and prints the medians as a table of ratios to a ceiling or floor measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import inspect
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import string
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger("xrates.perf")
+
+ROOT = Path(__file__).resolve().parent
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+# ============================================================================= timing helpers
+def aelapsed(func: F | None = None, *, name: str | None = None, logger: logging.Logger | None = None,
+             level: int = logging.INFO) -> Any:
+    """Decorate a coroutine function so that every call logs its elapsed time.
+
+    Usable bare (``@aelapsed``) or with options (``@aelapsed(name="x", level=logging.DEBUG)``).
+    The log line is ``event=elapsed name=<name> ms=<milliseconds>``, also when the call raises.
+    """
+
+    def decorate(fn: F) -> F:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"aelapsed needs a coroutine function, not {fn!r}")
+        label = name or fn.__qualname__
+        target = logger or log
+
+        @functools.wraps(fn)
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                target.log(level, "event=elapsed name=%s ms=%.3f", label,
+                           (time.perf_counter() - started) * 1000)
+
+        timed.__aelapsed__ = True  # type: ignore[attr-defined]
+        return timed  # type: ignore[return-value]
+
+    return decorate(func) if func is not None else decorate
+
+
+class aprofiler(type):
+    """Metaclass: every coroutine method defined in the class body is wrapped with aelapsed.
+
+    ``class RatesView(HTTPMethodView, metaclass=aprofiler): async def get(...)`` logs the
+    time of each ``get``. Static and class methods are wrapped inside their descriptor.
+    Class keyword arguments (``attach=app, uri=...`` of Sanic views) pass through.
+    """
+
+    def __new__(mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any],
+                **kwargs: Any) -> aprofiler:
+        for attr, value in list(namespace.items()):
+            wrapper_type = type(value) if isinstance(value, staticmethod | classmethod) else None
+            function = value.__func__ if wrapper_type is not None else value
+            if inspect.iscoroutinefunction(function) and not getattr(function, "__aelapsed__", False):
+                timed = aelapsed(function, name=f"{name}.{attr}")
+                namespace[attr] = wrapper_type(timed) if wrapper_type is not None else timed
+        return super().__new__(mcs, name, bases, namespace, **kwargs)
+
+    def __init__(cls, name: str, bases: tuple[type, ...], namespace: dict[str, Any],
+                 **kwargs: Any) -> None:
+        super().__init__(name, bases, namespace)
+
+
+def profile_routes(app: Any) -> int:
+    """Wrap the handler of every (function-based) route of a Sanic app with aelapsed.
+
+    Call it after the routes are defined, before the server starts. Returns how many
+    handlers it wrapped. Handlers already wrapped (or not coroutines) are left alone.
+    """
+    wrapped = 0
+    for route in app.router.routes:
+        handler = route.handler
+        if inspect.iscoroutinefunction(handler) and not getattr(handler, "__aelapsed__", False):
+            route.handler = aelapsed(handler, name=route.name)
+            wrapped += 1
+    return wrapped
+
+
+# ============================================================================= statistics
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between closest ranks."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """Throughput of a candidate relative to a baseline, from batches run alternately."""
+
+    ratio: float  # median over pairs of baseline_time / candidate_time (>1: candidate faster)
+    low: float  # distribution-free 95% confidence interval of that median
+    high: float
+    pairs: int
+    baseline_us: float  # median time per request of each side, microseconds
+    candidate_us: float
+
+
+def paired_ratio(baseline_s: Sequence[float], candidate_s: Sequence[float],
+                 per_batch: int = 1) -> PairedRatio:
+    """Compare two routes from batch times taken alternately, pair by pair.
+
+    ``baseline_s[i]`` and ``candidate_s[i]`` are the times of two batches run back to back,
+    so each pair saw (nearly) the same machine; the ratio of one pair is
+    ``baseline / candidate`` (the candidate's throughput relative to the baseline's). Noise
+    that moves both sides of a pair together cancels; the median over pairs resists the
+    rest. The interval is the order-statistic 95% interval of the median.
+    """
+    if len(baseline_s) != len(candidate_s):
+        raise ValueError("paired_ratio needs the same number of batches on each side")
+    ratios = sorted(b / c for b, c in zip(baseline_s, candidate_s, strict=True) if b > 0 and c > 0)
+    n = len(ratios)
+    if n == 0:
+        raise ValueError("paired_ratio needs at least one pair of positive times")
+    half_width = 1.96 * math.sqrt(n) / 2
+    low_index = max(0, math.floor(n / 2 - half_width))
+    high_index = min(n - 1, math.ceil(n / 2 + half_width) - 1)
+    return PairedRatio(
+        ratio=statistics.median(ratios), low=ratios[low_index], high=ratios[high_index], pairs=n,
+        baseline_us=statistics.median(baseline_s) / per_batch * 1e6,
+        candidate_us=statistics.median(candidate_s) / per_batch * 1e6,
+    )
+
+
+def control_valid(control: PairedRatio, tolerance: float = 0.02) -> bool:
+    """A ceiling-vs-ceiling control must come out 1.00 ± tolerance, or the run is void."""
+    return abs(control.ratio - 1.0) <= tolerance
+
+
+# ============================================================================= HTTP over raw sockets
+Response = tuple[int, dict[str, str], bytes]  # status, lower-case headers, body
+
+
+def request_bytes(host: str, method: str, path: str, body: bytes = b"",
+                  headers: dict[str, str] | None = None) -> bytes:
+    """One HTTP/1.1 request, ready to send (keep-alive)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class ResponseParser:
+    """Incremental parser of HTTP/1.1 responses with Content-Length (or no body)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+
+    def next(self) -> Response | None:
+        """The next complete response, or None until more bytes are fed."""
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        if len(buf) < end + 4 + length:
+            return None
+        body = bytes(buf[end + 4:end + 4 + length])
+        del buf[:end + 4 + length]
+        return status, headers, body
+
+
+class HttpConn:
+    """A minimal keep-alive HTTP/1.1 client on one blocking socket (loopback only).
+
+    Requests may be pipelined: ``send`` any number, then ``read`` that many responses.
+    Each response is ``(status, headers, body)`` with lower-case header names.
+    """
+
+    def __init__(self, host: str, port: int, timeout_s: float = 10.0) -> None:
+        if not is_loopback(host):
+            raise ValueError(f"the benchmark only talks to loopback addresses, not {host!r}")
+        self.host = host
+        self.port = port
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.parser = ResponseParser()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def request_bytes(self, method: str, path: str, body: bytes = b"",
+                      headers: dict[str, str] | None = None) -> bytes:
+        return request_bytes(f"{self.host}:{self.port}", method, path, body, headers)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self, count: int) -> list[Response]:
+        responses: list[Response] = []
+        parser = self.parser
+        while len(responses) < count:
+            parsed = parser.next()
+            if parsed is None:
+                chunk = self.sock.recv(1 << 18)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                parser.feed(chunk)
+                continue
+            responses.append(parsed)
+        return responses
+
+    def call(self, method: str, path: str, body: bytes = b"",
+             headers: dict[str, str] | None = None) -> Response:
+        self.send(self.request_bytes(method, path, body, headers))
+        return self.read(1)[0]
+
+    def timed_batch(self, data: bytes, count: int) -> float:
+        """Send ``count`` pipelined requests at once; seconds until the last response."""
+        started = time.perf_counter()
+        self.send(data)
+        self.read(count)
+        return time.perf_counter() - started
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def version_of(headers: dict[str, str]) -> int:
+    """The rate version in an ETag header ('"123"' -> 123); -1 when there is none."""
+    etag = headers.get("etag", "").strip('W/"')
+    return int(etag) if etag.isdigit() else -1
+
+
+class AsyncHttpConn:
+    """The asyncio twin of HttpConn, for probes that run beside database work."""
+
+    def __init__(self, host: str, port: int) -> None:
+        if not is_loopback(host):
+            raise ValueError(f"the benchmark only talks to loopback addresses, not {host!r}")
+        self.host, self.port = host, port
+        self.parser = ResponseParser()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> AsyncHttpConn:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.transport.get_extra_info("socket").setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self.writer.wait_closed()
+
+    async def batch(self, data: bytes, count: int) -> list[Response]:
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(data)
+        responses: list[Response] = []
+        while len(responses) < count:
+            parsed = self.parser.next()
+            if parsed is None:
+                chunk = await self.reader.read(1 << 18)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                self.parser.feed(chunk)
+                continue
+            responses.append(parsed)
+        return responses
+
+
+# Linux socket option: the kernel stamps each received packet (CLOCK_REALTIME, timespec).
+SO_TIMESTAMPNS = 35
+
+
+class StallProbe(threading.Thread):
+    """Asks an instance for /health every ``interval_s`` on its own thread and records
+    (sent, answered) wall-clock times, the answer timed by the kernel's receive timestamp
+    when available: a late answer then means the instance was late, not that this process
+    (which shares its core with PostgreSQL) was descheduled before it read the answer."""
+
+    def __init__(self, port: int, interval_s: float) -> None:
+        super().__init__(daemon=True, name=f"stall-probe-{port}")
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []
+        self.kernel_timestamps = True
+        self._stop_event = threading.Event()
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:
+            self.kernel_timestamps = False
+        self._request = request_bytes(f"127.0.0.1:{port}", "GET", CEILING_PATH)
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                sent = time.time()
+                self._sock.sendall(self._request)
+                answered, buffer = None, b""
+                while not buffer.endswith(b'{"status":"ok"}'):
+                    data, ancillary, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(16))
+                    if not data:
+                        return
+                    buffer += data
+                    for level, kind, payload in ancillary:
+                        if answered is None and level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                            seconds, nanoseconds = struct.unpack("qq", payload[:16])
+                            answered = seconds + nanoseconds / 1e9
+                self.samples.append((sent, answered if answered is not None else time.time()))
+                self._stop_event.wait(self.interval_s)  # pacing: the probe must not load the core
+        finally:
+            self._sock.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+    def stall_after(self, moment: float) -> float:
+        """The longest extra wait of an answer due after ``moment`` (wall clock), beyond the
+        median round trip before it: how long the instance left a request waiting."""
+        before = [answered - sent for sent, answered in self.samples if answered < moment]
+        during = [answered - max(sent, moment) for sent, answered in self.samples
+                  if answered > moment]
+        if not before or not during:
+            return 0.0
+        return max(0.0, max(during) - statistics.median(before))
+
+
+# ============================================================================= the benchmark
+TARGETS = {
+    "hit_vs_ceiling_alternating": ">= 0.95",
+    "hit_vs_read_through_wrk": ">= 3.0",
+    "propagation_p99_ms": "<= 1.0 ms and <= 3x floor p99",
+    "bulk_p99_ms": "<= 50 ms",
+    "bulk_stall_ms": "<= 5 ms",
+    "memory_bytes_per_rate": "<= 1024",
+    "miss_p50_ms": "<= 1.0 ms",
+}
+PHASES = ("miss", "wrk", "alternating", "propagation", "bulk", "memory")
+CEILING_PATH = "/health"  # SPEC §4: constant, no I/O, same middleware: the framework ceiling
+FLOOR_CHANNEL = "xrates_bench_floor"  # a channel no API instance listens on
+PROBE_INTERVAL_S = 0.0005  # pace of the event-loop stall probes during bulk rounds
+BENCH_DB = "xrates_bench"
+# Bench fixtures only (the product's statements live in model.py).
+SEED_RATES = (
+    "INSERT INTO rate (base, quote, rate, source, as_of) "
+    "SELECT b, q, r, 'demo', now() FROM unnest($1::text[], $2::text[], $3::numeric[]) AS t(b, q, r)"
+)
+SELECT_VERSIONS = (
+    "SELECT base || quote AS key, version FROM rate "
+    "WHERE base || quote = ANY($1::text[])"
+)
+# Memory: change every row once (in chunks), which pushes it into every instance's cache.
+TOUCH_RATES = "UPDATE rate SET rate = rate * 2 WHERE version % $1 = $2"
+TOUCH_CHUNKS = 16
+WRK_SCRIPT = """
+local paths = {%s}
+local requests = nil
+local i = 0
+request = function()
+  if requests == nil then
+    requests = {}
+    for k, p in ipairs(paths) do requests[k] = wrk.format("GET", p) end
+  end
+  i = i + 1
+  if i > #requests then i = 1 end
+  return requests[i]
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "XRATES_WRK {\\"requests\\":%%d,\\"duration_us\\":%%d,\\"p50_us\\":%%d,\\"p99_us\\":%%d," ..
+    "\\"max_us\\":%%d,\\"errors\\":%%d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency.max, e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+WRK_INSTALL_HINT = "install wrk with: apt-get install -y wrk  (Debian/Ubuntu; brew install wrk on macOS)"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes and durations of one benchmark run (``--quick`` shrinks the durations)."""
+
+    repeats: int = 3
+    wrk_s: float = 5.0
+    wrk_connections: int = 32
+    alternate_control_s: float = 5.0
+    alternate_hit_s: float = 8.0
+    batch: int = 64
+    hot_keys: int = 128
+    miss_samples: int = 200
+    propagation_samples: int = 200
+    floor_samples: int = 200
+    bulk_rounds: int = 20
+    bulk_rows: int = 1000
+    memory_rates: int = 65536
+    memory_instances: int = 3
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(wrk_s=2.0, alternate_control_s=1.5, alternate_hit_s=2.5, miss_samples=60,
+                   propagation_samples=60, floor_samples=60, bulk_rounds=5)
+
+
+class Pinning:
+    """API processes on one core; the driver, wrk and PostgreSQL on the others (taskset)."""
+
+    def __init__(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.taskset = shutil.which("taskset")
+        self.enabled = len(cpus) >= 2 and self.taskset is not None
+        self.api_cpus = cpus[:1] if self.enabled else []
+        self.load_cpus = cpus[1:] if self.enabled else []
+        if not self.enabled:
+            self.reason = ("taskset not found (util-linux)" if self.taskset is None
+                           else f"only {len(cpus)} CPU available")
+        else:
+            self.reason = ""
+
+    def pin_self(self) -> None:
+        """Pin this process (and so PostgreSQL, which it starts) to the load cores."""
+        if self.enabled:
+            os.sched_setaffinity(0, set(self.load_cpus))
+
+    def api_prefix(self) -> list[str]:
+        return [self.taskset, "-c", _cpu_list(self.api_cpus)] if self.enabled else []  # type: ignore[list-item]
+
+    def load_prefix(self) -> list[str]:
+        return [self.taskset, "-c", _cpu_list(self.load_cpus)] if self.enabled else []  # type: ignore[list-item]
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return f"not pinned: {self.reason}"
+        return (f"API on CPU {_cpu_list(self.api_cpus)}; wrk, driver and PostgreSQL on CPU "
+                f"{_cpu_list(self.load_cpus)} (taskset)")
+
+
+def _cpu_list(cpus: Iterable[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+class Api:
+    """One `python sanic_app.py` instance on a free loopback port, stopped by its PID."""
+
+    def __init__(self, name: str, db_url: str, workdir: Path, pinning: Pinning,
+                 env: dict[str, str] | None = None) -> None:
+        import util
+
+        self.name = name
+        self.port = util.free_port()
+        self.log_path = workdir / f"api-{name}.log"
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
+        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        environment.update({"DATABASE_URL": db_url, "XRATES_AUTO_MIGRATE": "0",
+                            "XRATES_ACCESS_LOG": "0", **(env or {})})
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*pinning.api_prefix(), sys.executable, "sanic_app.py", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def conn(self) -> HttpConn:
+        return HttpConn("127.0.0.1", self.port)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"API {self.name} exited with {self.proc.returncode}:\n"
+                                   + self.log_tail())
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                conn = self.conn()
+                try:
+                    if conn.call("GET", "/ready")[0] == 200:
+                        return
+                finally:
+                    conn.close()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"API {self.name} not ready after {timeout_s}s:\n"
+                                   + self.log_tail())
+            time.sleep(0.05)  # poll interval, bounded by the deadline above
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def worker_pid(self) -> int:
+        """The PID serving requests: the process we started (Sanic runs a single worker in
+        it), or its child when Sanic forked one."""
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = (entry / "stat").read_text()
+                    if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                        return int(entry.name)
+        return self.proc.pid
+
+    def metric(self, name: str) -> float:
+        conn = self.conn()
+        try:
+            text = conn.call("GET", "/metrics")[2].decode()
+        finally:
+            conn.close()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise RuntimeError(f"{name} not in /metrics of API {self.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # Sanic's main process stops its worker
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the session we created for it
+        self._log.close()
+
+    def server_errors(self) -> list[str]:
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if "status=500" in line or "event=server_error" in line or "Traceback" in line]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for PID {pid}")
+
+
+def pair_keys(count: int) -> list[tuple[str, str]]:
+    """``count`` distinct currency pairs of three-letter codes, in a fixed order."""
+    codes = ["".join(t) for t in itertools.product(string.ascii_uppercase, repeat=3)]
+    pairs = []
+    for base in codes:
+        for quote in codes[:300]:
+            if base != quote:
+                pairs.append((base, quote))
+                if len(pairs) == count:
+                    return pairs
+    return pairs
+
+
+def rate_path(pair: tuple[str, str]) -> str:
+    return f"/v1/rates/{pair[0]}/{pair[1]}"
+
+
+def summary_ms(values_s: Sequence[float]) -> dict[str, float]:
+    """p50, p99 and max of durations in seconds, as milliseconds."""
+    return {"p50_ms": percentile(values_s, 50) * 1000, "p99_ms": percentile(values_s, 99) * 1000,
+            "max_ms": max(values_s) * 1000, "samples": len(values_s)}
+
+
+def median_of(runs: Sequence[dict[str, Any]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+class StreamWatch:
+    """This process's own listener on the rate channel: which row of a bulk write arrives last.
+
+    PostgreSQL delivers a transaction's payloads to every listener in the same order, and
+    instances apply them in arrival order: once an instance serves the last row of the last
+    payload, it has applied all of them.
+    """
+
+    def __init__(self) -> None:
+        self._expected = 0
+        self._rows: list[list[Any]] = []
+        self._complete = asyncio.Event()
+
+    def expect(self, rows: int) -> None:
+        self._expected, self._rows = rows, []
+        self._complete.clear()
+
+    def received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload.startswith('{"op":"u"'):
+            self._rows += json.loads(payload)["rows"]
+            if self._expected and len(self._rows) >= self._expected:
+                self._complete.set()
+
+    async def last_row(self) -> tuple[str, int]:
+        """(key, version) of the last row, once the expected number of rows has arrived."""
+        await self._complete.wait()
+        return self._rows[-1][0], self._rows[-1][1]
+
+
+class Bench:
+    """One benchmark run: its PostgreSQL, its API processes, its measurements."""
+
+    def __init__(self, config: BenchConfig, workdir: Path, phases: Iterable[str] = PHASES) -> None:
+        self.config = config
+        self.phases = set(phases)
+        self.workdir = workdir
+        self.pinning = Pinning()
+        self.wrk = shutil.which("wrk")
+        self.apis: list[Api] = []
+        self.server: Any = None
+        self.url = ""
+        self.results: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.kernel_timestamps = True  # stall probes timed answers by the kernel's stamps
+        n_hot, n_miss = config.hot_keys, config.miss_samples * config.repeats
+        pairs = pair_keys(max(config.memory_rates + 1000, 20000 + n_miss))
+        self.pairs = pairs
+        self.hot = pairs[:n_hot]
+        self.propagation_pair = pairs[n_hot]
+        self.bulk = pairs[1000:1000 + config.bulk_rows]
+        self.miss = pairs[10000:10000 + n_miss]
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def say(self, message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def start_database(self) -> None:
+        import util
+
+        self.server = util.EmbeddedPostgres(self.workdir / "pg", durable=False)
+        admin_url = self.server.start()
+        self.url = admin_url.rsplit("/", 1)[0] + "/" + BENCH_DB
+        asyncio.run(self._create_database(admin_url))
+
+    async def _create_database(self, admin_url: str) -> None:
+        import asyncpg
+
+        import util
+
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB}")
+            await conn.execute(f"CREATE DATABASE {BENCH_DB}")
+        finally:
+            await conn.close()
+        await util.migrate(self.url)
+        conn = await asyncpg.connect(self.url)
+        try:
+            # Chunks: the insert trigger takes one advisory lock per row (max_locks_per_transaction).
+            for start in range(0, len(self.pairs), 2000):
+                pairs = self.pairs[start:start + 2000]
+                rates = [Decimal(f"1.{1000 + (start + i) % 9000:04d}") for i in range(len(pairs))]
+                await conn.execute(SEED_RATES, [b for b, _ in pairs], [q for _, q in pairs], rates)
+        finally:
+            await conn.close()
+
+    def start_apis(self, specs: Sequence[tuple[str, dict[str, str]]]) -> list[Api]:
+        started = [Api(name, self.url, self.workdir, self.pinning, env) for name, env in specs]
+        self.apis += started
+        for api in started:
+            api.wait_ready()
+        return started
+
+    def stop_apis(self, apis: Sequence[Api]) -> None:
+        for api in apis:
+            api.stop()
+            errors = api.server_errors()
+            if errors:
+                self.notes.append(f"API {api.name} logged server errors: {errors[:3]}")
+            self.apis.remove(api)
+
+    def close(self) -> None:
+        self.stop_apis(list(self.apis))
+        if self.server is not None:
+            self.server.stop("immediate")
+
+    # -- phases -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        self.pinning.pin_self()
+        self.say(f"pinning: {self.pinning.describe()}")
+        if self.wrk is None:
+            self.notes.append(f"wrk not found: wrk figures not measured; {WRK_INSTALL_HINT}")
+            self.say(f"wrk not found: {WRK_INSTALL_HINT}; continuing without the wrk figures")
+        self.say(f"starting PostgreSQL and seeding {len(self.pairs)} rates")
+        self.start_database()
+        a, b = self.start_apis([("A", {}), ("B", {})])
+        self.say(f"API A :{a.port} and B :{b.port} (cache on)")
+        self.warm_hot(a)
+        phases = self.phases
+        if "miss" in phases:
+            self.results["miss"] = self.measure_miss(a)
+        if "wrk" in phases and self.wrk is None:
+            self.results["wrk_missing"] = WRK_INSTALL_HINT
+        if "wrk" in phases and self.wrk is not None:
+            (r,) = self.start_apis([("R", {"XRATES_CACHE_SIZE": "0"})])  # only while it is measured
+            self.say(f"API R :{r.port} (cache off)")
+            self.results["wrk"] = self.measure_wrk(a, r)
+            self.stop_apis([r])
+        if "alternating" in phases:
+            self.results["alternating"] = self.measure_alternating(a)
+        if "propagation" in phases:
+            self.results["propagation"] = self.measure_propagation(a, b)
+        if "bulk" in phases:
+            self.results["bulk"] = asyncio.run(self.measure_bulk([a, b]))
+        self.stop_apis([a, b])
+        if "memory" in phases:
+            self.results["memory"] = self.measure_memory()
+        self.results["elapsed_s"] = time.monotonic() - started
+        return self.results
+
+    def warm_hot(self, api: Api) -> None:
+        conn = api.conn()
+        try:
+            for pair in self.hot:
+                conn.call("GET", rate_path(pair))
+            statuses = {conn.call("GET", rate_path(pair))[1].get("x-cache") for pair in self.hot}
+        finally:
+            conn.close()
+        if statuses != {"hit"}:
+            raise RuntimeError(f"hot keys are not cache hits after warming: {statuses}")
+
+    def measure_miss(self, api: Api) -> dict[str, Any]:
+        """First GET of keys never read (nor written since the instance started), serially."""
+        self.say("miss: serial first reads")
+        n = self.config.miss_samples
+        runs, not_miss = [], 0
+        conn = api.conn()
+        try:
+            for run in range(self.config.repeats):
+                times = []
+                for pair in self.miss[run * n:(run + 1) * n]:
+                    data = conn.request_bytes("GET", rate_path(pair))
+                    t0 = time.perf_counter()
+                    conn.send(data)
+                    status, headers, _ = conn.read(1)[0]
+                    times.append(time.perf_counter() - t0)
+                    not_miss += status != 200 or headers.get("x-cache") != "miss"
+                runs.append(summary_ms(times))
+        finally:
+            conn.close()
+        if not_miss:
+            self.notes.append(f"miss: {not_miss} first reads were not 200 + X-Cache: miss")
+        return {"runs": runs, "p50_ms": median_of(runs, "p50_ms"), "p99_ms": median_of(runs, "p99_ms"),
+                "not_miss": not_miss}
+
+    # -- wrk ----------------------------------------------------------------------------
+    def wrk_run(self, api: Api, paths: Sequence[str]) -> dict[str, float]:
+        script = self.workdir / f"wrk-{len(paths)}.lua"
+        if not script.exists():
+            script.write_text(WRK_SCRIPT % ", ".join(json.dumps(p) for p in paths))
+        command = [*self.pinning.load_prefix(), self.wrk, "-t1", f"-c{self.config.wrk_connections}",
+                   f"-d{self.config.wrk_s:g}s", "--timeout", "2s", "-s", str(script),
+                   f"http://127.0.0.1:{api.port}"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=self.config.wrk_s + 30,
+                             check=False)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("XRATES_WRK ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk gave no result: {out.stdout}\n{out.stderr}")
+        data = json.loads(line.split(" ", 1)[1])
+        return {"rps": data["requests"] / (data["duration_us"] / 1e6), "p50_ms": data["p50_us"] / 1000,
+                "p99_ms": data["p99_us"] / 1000, "max_ms": data["max_us"] / 1000,
+                "errors": data["errors"]}
+
+    def measure_wrk(self, a: Api, r: Api) -> dict[str, Any]:
+        """Throughput and latency as users see them: ceiling, hit, read-through (rotated)."""
+        self.say(f"wrk: {self.config.repeats} x (ceiling, hit, read-through), "
+                 f"{self.config.wrk_s:g}s each, {self.config.wrk_connections} connections")
+        hot_paths = [rate_path(p) for p in self.hot]
+        kinds = {"ceiling": (a, [CEILING_PATH]), "hit": (a, hot_paths), "read_through": (r, hot_paths)}
+        order = list(kinds)
+        runs: list[dict[str, Any]] = []
+        for run in range(self.config.repeats):
+            result = {}
+            for kind in order[run % 3:] + order[:run % 3]:
+                api, paths = kinds[kind]
+                result[kind] = self.wrk_run(api, paths)
+            result["hit_vs_ceiling"] = result["hit"]["rps"] / result["ceiling"]["rps"]
+            result["hit_vs_read_through"] = result["hit"]["rps"] / result["read_through"]["rps"]
+            runs.append(result)
+            self.say(f"  run {run + 1}: ceiling {result['ceiling']['rps']:.0f}/s, hit "
+                     f"{result['hit']['rps']:.0f}/s, read-through {result['read_through']['rps']:.0f}/s")
+        errors = sum(run[k]["errors"] for run in runs for k in kinds)
+        if errors:
+            self.notes.append(f"wrk: {errors} errors or non-2xx responses")
+        out: dict[str, Any] = {"runs": runs, "errors": errors}
+        for kind in kinds:
+            out[kind] = {m: statistics.median(run[kind][m] for run in runs)
+                         for m in ("rps", "p50_ms", "p99_ms", "max_ms")}
+        out["hit_vs_ceiling"] = median_of(runs, "hit_vs_ceiling")
+        out["hit_vs_read_through"] = median_of(runs, "hit_vs_read_through")
+        return out
+
+    # -- alternating pipelined batches ----------------------------------------------------
+    def alternate(self, conn: HttpConn, first: list[bytes], second: list[bytes],
+                  seconds: float) -> PairedRatio:
+        """Alternate pipelined batches of two request streams on one connection.
+
+        Pairs run in ABBA order (A first in even pairs, B first in odd ones), so neither side
+        always runs right after the other. Returns B's throughput relative to A's.
+        """
+        batch = self.config.batch
+        times_a: list[float] = []
+        times_b: list[float] = []
+        cycle_a, cycle_b = itertools.cycle(first), itertools.cycle(second)
+        for _ in range(8):  # warm both paths
+            conn.timed_batch(next(cycle_a), batch)
+            conn.timed_batch(next(cycle_b), batch)
+        deadline = time.perf_counter() + seconds
+        pair = 0
+        while time.perf_counter() < deadline:
+            if pair % 2 == 0:
+                times_a.append(conn.timed_batch(next(cycle_a), batch))
+                times_b.append(conn.timed_batch(next(cycle_b), batch))
+            else:
+                times_b.append(conn.timed_batch(next(cycle_b), batch))
+                times_a.append(conn.timed_batch(next(cycle_a), batch))
+            pair += 1
+        return paired_ratio(times_a, times_b, batch)
+
+    def pipelined(self, conn: HttpConn, paths: Sequence[str]) -> list[bytes]:
+        """Batches of ``batch`` requests cycling over ``paths``, pre-encoded."""
+        batch = self.config.batch
+        stream = itertools.cycle(paths)
+        batches = []
+        for _ in range(max(1, math.lcm(len(paths), batch) // batch)):
+            batches.append(b"".join(conn.request_bytes("GET", next(stream)) for _ in range(batch)))
+        return batches
+
+    def measure_alternating(self, api: Api) -> dict[str, Any]:
+        """hit/ceiling from alternating pipelined batches, beside a ceiling/ceiling control."""
+        config = self.config
+        self.say(f"alternating batches of {config.batch}: {config.repeats} x (control "
+                 f"{config.alternate_control_s:g}s, hit {config.alternate_hit_s:g}s)")
+        conn = api.conn()
+        runs = []
+        try:
+            ceiling = self.pipelined(conn, [CEILING_PATH])
+            hot = self.pipelined(conn, [rate_path(p) for p in self.hot])
+            conn.send(hot[0])
+            served = conn.read(config.batch)
+            if {(s, h.get("x-cache")) for s, h, _ in served} != {(200, "hit")}:
+                raise RuntimeError("alternating: the hot keys are not all 200 hits")
+            for run in range(config.repeats):
+                control = self.alternate(conn, ceiling, ceiling, config.alternate_control_s)
+                hit = self.alternate(conn, ceiling, hot, config.alternate_hit_s)
+                runs.append({"control": control.__dict__, "hit": hit.__dict__,
+                             "valid": control_valid(control)})
+                self.say(f"  run {run + 1}: control {control.ratio:.3f} "
+                         f"[{control.low:.3f}, {control.high:.3f}], hit/ceiling {hit.ratio:.3f} "
+                         f"[{hit.low:.3f}, {hit.high:.3f}] ({hit.candidate_us:.1f} vs "
+                         f"{hit.baseline_us:.1f} us/request, {hit.pairs} pairs)")
+        finally:
+            conn.close()
+        return {
+            "runs": runs,
+            "control": statistics.median(r["control"]["ratio"] for r in runs),
+            "hit_vs_ceiling": statistics.median(r["hit"]["ratio"] for r in runs),
+            "ceiling_us": statistics.median(r["hit"]["baseline_us"] for r in runs),
+            "hit_us": statistics.median(r["hit"]["candidate_us"] for r in runs),
+            "valid": all(r["valid"] for r in runs),
+        }
+
+    # -- propagation and its floor --------------------------------------------------------
+    def measure_propagation(self, a: Api, b: Api) -> dict[str, Any]:
+        """Write on A (PUT); from A's answer (committed and acknowledged) until a read on B
+        returns the new version. B is read right after the answer and again until it serves
+        the new version, so the figure includes one read's round trip. Beside it, the floor:
+        SELECT pg_notify on one raw asyncpg connection -> a raw listener's callback."""
+        config = self.config
+        self.say(f"propagation: {config.repeats} x ({config.floor_samples} raw NOTIFY, "
+                 f"{config.propagation_samples} writes on A read on B)")
+        path = rate_path(self.propagation_pair)
+        runs = []
+        writer, reader = a.conn(), b.conn()
+        try:
+            for run in range(config.repeats):
+                floor = asyncio.run(self._floor(config.floor_samples))
+                after_ack, after_send, writes, first_poll, not_hit = [], [], [], 0, 0
+                for i in range(config.propagation_samples):
+                    body = json.dumps({"rate": f"1.{1000 + (run * 1000 + i) % 9000:04d}"}).encode()
+                    data = writer.request_bytes("PUT", path, body, {"Content-Type": "application/json"})
+                    t_send = time.perf_counter()
+                    writer.send(data)
+                    status, headers, _ = writer.read(1)[0]
+                    t_ack = time.perf_counter()
+                    if status not in (200, 201):
+                        raise RuntimeError(f"propagation: PUT on A answered {status}")
+                    version = version_of(headers)
+                    polls = 0
+                    while True:
+                        polls += 1
+                        _, seen, _ = reader.call("GET", path)
+                        if version_of(seen) >= version:
+                            t_seen = time.perf_counter()
+                            break
+                        if time.perf_counter() - t_ack > 5:
+                            raise RuntimeError("propagation: B did not serve the write within 5 s")
+                    after_ack.append(t_seen - t_ack)
+                    after_send.append(t_seen - t_send)
+                    writes.append(t_ack - t_send)
+                    first_poll += polls == 1
+                    not_hit += seen.get("x-cache") != "hit"
+                result = {"floor": summary_ms(floor), "after_ack": summary_ms(after_ack),
+                          "after_send": summary_ms(after_send), "write": summary_ms(writes),
+                          "first_poll_fraction": first_poll / len(after_ack), "not_hit": not_hit}
+                result["p99_vs_floor_p99"] = result["after_ack"]["p99_ms"] / result["floor"]["p99_ms"]
+                runs.append(result)
+                self.say(f"  run {run + 1}: floor p50/p99 {result['floor']['p50_ms']:.3f}/"
+                         f"{result['floor']['p99_ms']:.3f} ms; propagation p50/p99/max "
+                         f"{result['after_ack']['p50_ms']:.3f}/{result['after_ack']['p99_ms']:.3f}/"
+                         f"{result['after_ack']['max_ms']:.3f} ms after A's ack")
+        finally:
+            writer.close()
+            reader.close()
+        if any(r["not_hit"] for r in runs):
+            self.notes.append("propagation: some reads on B were not cache hits")
+
+        def med(part: str, key: str) -> float:
+            return statistics.median(r[part][key] for r in runs)
+
+        return {
+            "runs": runs,
+            "floor": {k: med("floor", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+            "after_ack": {k: med("after_ack", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+            "after_send": {k: med("after_send", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+            "write": {k: med("write", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+            "p99_vs_floor_p99": median_of(runs, "p99_vs_floor_p99"),
+            "first_poll_fraction": median_of(runs, "first_poll_fraction"),
+        }
+
+    async def _floor(self, samples: int) -> list[float]:
+        """Raw asyncpg: SELECT pg_notify on one connection -> callback on another."""
+        import asyncpg
+
+        import model
+
+        loop = asyncio.get_running_loop()
+        listener = await asyncpg.connect(self.url)
+        writer = await asyncpg.connect(self.url)
+        waiting: dict[str, asyncio.Future[float]] = {}
+
+        def received(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            future = waiting.pop(payload, None)
+            if future is not None and not future.done():
+                future.set_result(time.perf_counter())
+
+        try:
+            await listener.add_listener(FLOOR_CHANNEL, received)
+            for i in range(10):  # warm both connections
+                await writer.execute(model.NOTIFY, FLOOR_CHANNEL, f"warm{i}")
+            latencies = []
+            for i in range(samples):
+                future = loop.create_future()
+                waiting[str(i)] = future
+                started = time.perf_counter()
+                await writer.execute(model.NOTIFY, FLOOR_CHANNEL, str(i))
+                latencies.append(await asyncio.wait_for(future, 5) - started)
+            return latencies
+        finally:
+            await listener.close()
+            await writer.close()
+
+    # -- bulk -----------------------------------------------------------------------------
+    async def measure_bulk(self, apis: Sequence[Api]) -> dict[str, Any]:
+        """One transaction upserts N rates (the updater's path); until all instances serve all."""
+        import asyncpg
+
+        import model
+
+        config = self.config
+        self.say(f"bulk: {config.repeats} x {config.bulk_rounds} rounds of {config.bulk_rows} "
+                 f"rates in one transaction, on {len(apis)} instances")
+        conn = await asyncpg.connect(self.url)
+        watch = StreamWatch()
+        listener = await asyncpg.connect(self.url)
+        await listener.add_listener(model.CHANNEL, watch.received)
+        keys = [b + q for b, q in self.bulk]
+        versions = {r["key"]: r["version"] for r in await conn.fetch(SELECT_VERSIONS, keys)}
+        runs = []
+        try:
+            for run in range(config.repeats):
+                rounds = []
+                for round_no in range(config.bulk_rounds):
+                    serial = run * config.bulk_rounds + round_no
+                    rounds.append(await self._bulk_round(conn, watch, apis, versions, serial))
+                latencies = [r["latency_s"] for r in rounds]
+                stalls = [r["stall_s"] for r in rounds]
+                result = {**summary_ms(latencies), "stall_max_ms": max(stalls) * 1000,
+                          "stall_p50_ms": percentile(stalls, 50) * 1000,
+                          "write_p50_ms": percentile([r["write_s"] for r in rounds], 50) * 1000,
+                          "late_verifications": sum(r["late"] for r in rounds)}
+                runs.append(result)
+                self.say(f"  run {run + 1}: p50/p99 {result['p50_ms']:.1f}/{result['p99_ms']:.1f} ms "
+                         f"to all instances, longest stall {result['stall_max_ms']:.2f} ms "
+                         f"(write itself {result['write_p50_ms']:.1f} ms)")
+        finally:
+            await conn.close()
+            await listener.close()
+        return {"runs": runs, "p50_ms": median_of(runs, "p50_ms"), "p99_ms": median_of(runs, "p99_ms"),
+                "stall_max_ms": median_of(runs, "stall_max_ms"),
+                "stall_timing": "kernel receive timestamps" if self.kernel_timestamps else "user space",
+                "write_p50_ms": median_of(runs, "write_p50_ms")}
+
+    async def _write_bulk(self, conn: Any, serial: int) -> None:
+        """The updater's write path: one bulk upsert of every bulk pair, each rate changed."""
+        import model
+
+        now = datetime.now(UTC)
+        rows = [(b, q, Decimal(f"1.{1000 + serial % 9000:04d}{i:04d}"), now)
+                for i, (b, q) in enumerate(self.bulk)]
+        changed = await model.upsert_feed_rates(conn, "demo", rows, ["manual"])
+        if changed != len(rows):
+            raise RuntimeError(f"bulk: {changed} of {len(rows)} rates changed")
+
+    async def _bulk_round(self, conn: Any, watch: StreamWatch, apis: Sequence[Api],
+                          versions: dict[str, int], serial: int) -> dict[str, Any]:
+        """One transaction; then the time until every instance serves the last row of the last
+        payload (instances apply payloads in arrival order, the order this process's own
+        listener sees), and the longest stall that paced /health probes saw meanwhile."""
+
+        async def served(api: Api, path: str, version: int) -> float:
+            client = await AsyncHttpConn("127.0.0.1", api.port).open()
+            data = request_bytes(f"127.0.0.1:{api.port}", "GET", path)
+            try:
+                while True:
+                    ((_, headers, _),) = await client.batch(data, 1)
+                    if version_of(headers) >= version:
+                        return time.perf_counter()
+            finally:
+                await client.close()
+
+        probes = [StallProbe(api.port, PROBE_INTERVAL_S) for api in apis]
+        for probe in probes:
+            probe.start()
+        try:
+            deadline = time.monotonic() + 10
+            while min(len(p.samples) for p in probes) < 20:  # a baseline before the write
+                if time.monotonic() > deadline or not all(p.is_alive() for p in probes):
+                    raise RuntimeError("bulk: the stall probes got no answers")
+                await asyncio.sleep(PROBE_INTERVAL_S)
+            watch.expect(len(self.bulk))
+            transaction = conn.transaction()
+            t_write = time.perf_counter()
+            await transaction.start()
+            await self._write_bulk(conn, serial)
+            t_commit, t_commit_wall = time.perf_counter(), time.time()
+            await transaction.commit()
+            key, version = await asyncio.wait_for(watch.last_row(), 10)
+            seen = await asyncio.wait_for(asyncio.gather(
+                *(served(api, f"/v1/rates/{key[:3]}/{key[3:]}", version) for api in apis)), 10)
+        finally:
+            for probe in probes:
+                probe.stop()
+        latency = max(seen) - t_commit
+        # Only answers due after the commit count: before it, the other core was busy with
+        # PostgreSQL's write, which is not the instance's stall.
+        stall = max(probe.stall_after(t_commit_wall) for probe in probes)
+        if not all(probe.kernel_timestamps for probe in probes):
+            self.kernel_timestamps = False
+        late = not await self._verify_bulk(conn, apis, versions)
+        if late:  # the last row was not the last applied: fall back to the verified time
+            latency = time.perf_counter() - t_commit
+        return {"latency_s": latency, "stall_s": stall, "write_s": t_commit - t_write, "late": late}
+
+    async def _verify_bulk(self, conn: Any, apis: Sequence[Api], versions: dict[str, int]) -> bool:
+        """Every instance serves exactly the database's version of every bulk key (waits <= 5 s).
+        Updates ``versions``. False if the first check failed (the probe keys were not enough)."""
+        keys = [b + q for b, q in self.bulk]
+        current = {r["key"]: r["version"] for r in await conn.fetch(SELECT_VERSIONS, keys)}
+        versions.update(current)
+        first = True
+        deadline = time.perf_counter() + 5
+        for api in apis:
+            client = await AsyncHttpConn("127.0.0.1", api.port).open()
+            host = f"127.0.0.1:{api.port}"
+            data = b"".join(request_bytes(host, "GET", rate_path(p)) for p in self.bulk)
+            try:
+                while True:
+                    responses = await client.batch(data, len(self.bulk))
+                    if all(version_of(h) == current[p[0] + p[1]]
+                           for (_, h, _), p in zip(responses, self.bulk, strict=True)):
+                        break
+                    first = False
+                    if time.perf_counter() > deadline:
+                        raise RuntimeError(f"bulk: API {api.name} does not serve the new versions")
+            finally:
+                await client.close()
+        return first
+
+    # -- memory ---------------------------------------------------------------------------
+    def measure_memory(self) -> dict[str, Any]:
+        """RSS of fresh instances before and after every rate is pushed into their caches."""
+        config = self.config
+        self.say(f"memory: {config.memory_instances} fresh instances, empty vs "
+                 f"{config.memory_rates} cached rates")
+        apis = self.start_apis([(f"M{i}", {"XRATES_CACHE_SIZE": str(config.memory_rates)})
+                                for i in range(config.memory_instances)])
+        try:
+            for api in apis:  # the same warm-up traffic for every instance
+                conn = api.conn()
+                try:
+                    for i in range(500):
+                        conn.call("GET", CEILING_PATH if i % 2 else rate_path(self.hot[i % 50]))
+                finally:
+                    conn.close()
+            empty = {api.name: (rss_bytes(api.worker_pid()), api.metric("xrates_cache_size"))
+                     for api in apis}
+            # Every row is changed once, in transactions of TOUCH_CHUNK rows, each applied by every
+            # instance before the next: one huge transaction would queue minutes of payloads ahead
+            # of the listener's heartbeat on a loaded core.
+            deadline = time.monotonic() + 150
+            applied0 = {api.name: api.metric("xrates_notifications_applied_total") for api in apis}
+            touched = 0
+            for chunk in range(TOUCH_CHUNKS):
+                touched += asyncio.run(self._touch(chunk))
+                for api in apis:
+                    while api.metric("xrates_notifications_applied_total") < applied0[api.name] + touched:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"memory: API {api.name} did not apply every change")
+                        time.sleep(0.05)  # poll interval, bounded by the deadline above
+            for api in apis:
+                if api.metric("xrates_cache_size") < config.memory_rates:
+                    raise RuntimeError(f"memory: API {api.name} holds fewer than {config.memory_rates}")
+            runs = []
+            for api in apis:
+                full = rss_bytes(api.worker_pid())
+                rss0, size0 = empty[api.name]
+                added = api.metric("xrates_cache_size") - size0
+                runs.append({"empty_rss_mb": rss0 / 2**20, "full_rss_mb": full / 2**20,
+                             "entries_added": added, "bytes_per_rate": (full - rss0) / added})
+                self.say(f"  {api.name}: {rss0 / 2**20:.1f} MiB -> {full / 2**20:.1f} MiB, "
+                         f"{(full - rss0) / added:.0f} bytes per cached rate")
+        finally:
+            self.stop_apis(apis)
+        return {"runs": runs, "bytes_per_rate": median_of(runs, "bytes_per_rate"),
+                "empty_rss_mb": median_of(runs, "empty_rss_mb"),
+                "full_rss_mb": median_of(runs, "full_rss_mb")}
+
+    async def _touch(self, chunk: int) -> int:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url)
+        try:
+            status = await conn.execute(TOUCH_RATES, TOUCH_CHUNKS, chunk)
+        finally:
+            await conn.close()
+        return int(status.split()[-1])
+
+
+# ============================================================================= report
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 2**20:.0f} GiB RAM"
+    return (f"{os.cpu_count()} CPU ({cpu}){memory}; {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}")
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "NO")
+
+
+def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(figure, measured, ratio, target, met) for the printed table and the README."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    wrk, alt = results.get("wrk"), results.get("alternating")
+    if wrk:
+        rows.append(("ceiling (`/health`), wrk", f"{wrk['ceiling']['rps']:,.0f} req/s, "
+                     f"p99 {wrk['ceiling']['p99_ms']:.2f} ms", "1.00", "", ""))
+        rows.append(("cache-hit GET, wrk",
+                     f"{wrk['hit']['rps']:,.0f} req/s, p99 {wrk['hit']['p99_ms']:.2f} ms",
+                     f"{wrk['hit_vs_ceiling']:.2f} of ceiling", "", ""))
+    if alt:
+        rows.append(("control: ceiling vs ceiling, alternating batches",
+                     f"{alt['ceiling_us']:.1f} us/request", f"{alt['control']:.3f}", "1.00 ± 0.02",
+                     verdict(alt["valid"])))
+        rows.append(("cache-hit GET vs ceiling, alternating batches", f"{alt['hit_us']:.1f} us/request",
+                     f"{alt['hit_vs_ceiling']:.3f}" + ("" if alt["valid"] else " (void: control off)"),
+                     TARGETS["hit_vs_ceiling_alternating"],
+                     verdict(alt["hit_vs_ceiling"] >= 0.95 if alt["valid"] else None)))
+    if results.get("wrk_missing"):
+        rows.append(("ceiling, cache-hit and read-through GET, wrk",
+                     f"not measured: wrk is not installed ({results['wrk_missing']})", "",
+                     TARGETS["hit_vs_read_through_wrk"], verdict(None)))
+    if wrk:
+        rt = wrk["read_through"]
+        rows.append(("read-through GET (`XRATES_CACHE_SIZE=0`), wrk",
+                     f"{rt['rps']:,.0f} req/s, p99 {rt['p99_ms']:.2f} ms",
+                     f"hit is {wrk['hit_vs_read_through']:.2f}x", TARGETS["hit_vs_read_through_wrk"],
+                     verdict(wrk["hit_vs_read_through"] >= 3.0)))
+    if miss := results.get("miss"):
+        rows.append(("miss GET (first read, serial)",
+                     f"p50 {miss['p50_ms']:.3f} ms, p99 {miss['p99_ms']:.3f} ms", "",
+                     TARGETS["miss_p50_ms"], verdict(miss["p50_ms"] <= 1.0)))
+    if prop := results.get("propagation"):
+        floor, after = prop["floor"], prop["after_ack"]
+        rows.append(("floor: raw LISTEN/NOTIFY (send -> callback)",
+                     f"p50 {floor['p50_ms']:.3f}, p99 {floor['p99_ms']:.3f}, max {floor['max_ms']:.3f} ms",
+                     "1.00", "", ""))
+        rows.append(("propagation: write acked by A -> B serves it",
+                     f"p50 {after['p50_ms']:.3f}, p99 {after['p99_ms']:.3f}, max {after['max_ms']:.3f} ms "
+                     f"(B had it at the first read in {prop['first_poll_fraction']:.0%} of writes)",
+                     f"p99 {prop['p99_vs_floor_p99']:.2f}x floor", TARGETS["propagation_p99_ms"],
+                     verdict(after["p99_ms"] <= 1.0 and prop["p99_vs_floor_p99"] <= 3.0)))
+    if bulk := results.get("bulk"):
+        rows.append(("bulk: 1,000 rates in one transaction -> all instances serve all",
+                     f"p50 {bulk['p50_ms']:.1f} ms, p99 {bulk['p99_ms']:.1f} ms", "",
+                     TARGETS["bulk_p99_ms"], verdict(bulk["p99_ms"] <= 50)))
+        rows.append(("bulk: longest event-loop stall of an instance", f"{bulk['stall_max_ms']:.2f} ms",
+                     "", TARGETS["bulk_stall_ms"], verdict(bulk["stall_max_ms"] <= 5)))
+    if memory := results.get("memory"):
+        rows.append(("memory per cached rate (65,536 vs empty)",
+                     f"{memory['bytes_per_rate']:.0f} bytes ({memory['empty_rss_mb']:.0f} -> "
+                     f"{memory['full_rss_mb']:.0f} MiB RSS)", "", TARGETS["memory_bytes_per_rate"] + " bytes",
+                     verdict(memory["bytes_per_rate"] <= 1024)))
+    return rows
+
+
+def markdown_table(rows: Sequence[tuple[str, ...]]) -> str:
+    header = ("figure", "measured (median of runs)", "ratio", "target", "met")
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def bench(args: argparse.Namespace) -> int:
+    config = BenchConfig.quick() if args.quick else BenchConfig()
+    phases = PHASES if not args.only else tuple(p.strip() for p in args.only.split(","))
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        print(f"perf.py: unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}",
+              file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="xrates-bench-"))
+    runner = Bench(config, workdir, phases)
+    interrupted = False
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        results = runner.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        results = {}
+    finally:
+        runner.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if interrupted:
+        print("perf.py: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    rows = build_rows(results)
+    table = markdown_table(rows)
+    report = {
+        "command": "python perf.py bench" + (" --quick" if args.quick else "")
+                   + (f" --only {args.only}" if args.only else ""),
+        "machine": machine_description(),
+        "pinning": runner.pinning.describe(),
+        "wrk": subprocess.run([runner.wrk, "--version"], capture_output=True, text=True,
+                              check=False).stdout.splitlines()[0] if runner.wrk else None,
+        "config": config.__dict__,
+        "targets": TARGETS,
+        "results": results,
+        "notes": runner.notes,
+        "table": [dict(zip(("figure", "measured", "ratio", "target", "met"), r, strict=True))
+                  for r in rows],
+    }
+    print()
+    print(f"xrates benchmark — {report['machine']}")
+    print(f"{report['pinning']}; finished in {results['elapsed_s']:.0f} s")
+    print()
+    print(table)
+    for note in runner.notes:
+        print(f"note: {note}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nJSON written to {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python perf.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "bench", help="measure xrates on this machine (own PostgreSQL and API processes)",
+        description="Start an embedded PostgreSQL and API instances on 127.0.0.1, measure the "
+                    "ceiling, hit, read-through, miss, propagation (beside the raw NOTIFY floor), "
+                    "bulk propagation and memory, print a table and optionally write JSON. Needs "
+                    f"wrk for the throughput figures ({WRK_INSTALL_HINT}). Takes under 5 minutes.")
+    run.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")
+    run.add_argument("--quick", action="store_true", help="shorter runs (about a minute; noisier)")
+    run.add_argument("--only", metavar="PHASES",
+                     help=f"comma list of phases to run (default all: {','.join(PHASES)})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    sys.path.insert(0, str(ROOT))
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

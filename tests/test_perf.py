@@ -1,0 +1,317 @@
+"""perf.py's helpers (timing decorators, paired-batch statistics, the CLI), and the contracts
+of the hot-path optimisations it measures. Fast, and no timed assertions: the benchmark
+(`python perf.py bench`) is where speed is judged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT
+
+import perf
+from cache import ABSENT_VERSION
+
+PROBE = logging.getLogger("test_perf.elapsed")  # propagates to caplog (xrates.* may not)
+
+
+def elapsed_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "event=elapsed" in r.getMessage()]
+
+
+# --------------------------------------------------------------------------- aelapsed
+async def test_aelapsed_logs_the_elapsed_time_and_keeps_the_result(caplog) -> None:
+    caplog.set_level(logging.INFO, logger=PROBE.name)
+
+    @perf.aelapsed(logger=PROBE)
+    async def double(x: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * x
+
+    assert await double(21) == 42
+    assert double.__name__ == "double"  # functools.wraps: Sanic and OpenAPI see the handler
+    (line,) = elapsed_lines(caplog)
+    assert line.startswith("event=elapsed name=") and "double" in line
+    assert float(line.rsplit("ms=", 1)[1]) >= 0
+
+
+async def test_aelapsed_logs_also_when_the_call_raises(caplog) -> None:
+    caplog.set_level(logging.INFO, logger=PROBE.name)
+
+    @perf.aelapsed(name="boom", logger=PROBE)
+    async def boom() -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        await boom()
+    assert [line.split(" ms=")[0] for line in elapsed_lines(caplog)] == ["event=elapsed name=boom"]
+
+
+def test_aelapsed_refuses_a_plain_function() -> None:
+    with pytest.raises(TypeError):
+        perf.aelapsed(lambda: None)
+
+
+# --------------------------------------------------------------------------- aprofiler
+async def test_aprofiler_wraps_every_coroutine_method_and_nothing_else(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="xrates.perf")
+    seen: dict[str, object] = {}
+
+    class Base:
+        def __init_subclass__(cls, **kwargs: object) -> None:  # like HTTPMethodView(attach=...)
+            seen.update(kwargs)
+
+    class View(Base, metaclass=perf.aprofiler, uri="/x"):
+        async def get(self, request: object) -> str:
+            return "got"
+
+        @staticmethod
+        async def ping() -> str:
+            return "pong"
+
+        def helper(self) -> str:
+            return "plain"
+
+    assert seen == {"uri": "/x"}  # class keyword arguments pass through
+    assert getattr(View.get, "__aelapsed__", False)
+    assert getattr(View.ping, "__aelapsed__", False)
+    assert not hasattr(View.helper, "__aelapsed__")
+    assert await View().get(None) == "got"
+    assert await View.ping() == "pong"
+    assert View().helper() == "plain"
+
+
+def test_aprofiler_works_on_a_sanic_class_based_view() -> None:
+    from sanic.views import HTTPMethodView
+
+    class RatesView(HTTPMethodView, metaclass=perf.aprofiler):
+        async def get(self, request: object) -> str:
+            return "ok"
+
+    assert getattr(RatesView.get, "__aelapsed__", False)
+    assert callable(RatesView.as_view())
+
+
+def test_sanic_app_profiles_its_handlers_only_when_xrates_profile_is_set() -> None:
+    script = ("import sanic_app; print(sum(bool(getattr(r.handler, '__aelapsed__', False)) "
+              "for r in sanic_app.app.router.routes))")
+    counts = {}
+    for value in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, env=_env(XRATES_PROFILE=value))
+        assert out.returncode == 0, out.stderr
+        counts[value] = int(out.stdout.split()[-1])
+    assert counts["0"] == 0
+    assert counts["1"] >= 10  # every route of ours
+
+
+def _env(**extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
+    return {**env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", **extra}
+
+
+# --------------------------------------------------------------------------- statistics
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [4.0, 1.0, 3.0, 2.0, 5.0]
+    assert perf.percentile(values, 0) == 1.0
+    assert perf.percentile(values, 50) == 3.0
+    assert perf.percentile(values, 100) == 5.0
+    assert perf.percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+
+
+def test_paired_ratio_cancels_noise_shared_by_the_two_batches_of_a_pair() -> None:
+    # The machine's speed swings 3x from pair to pair, but within a pair both sides see the
+    # same speed: the candidate is exactly 10% slower, so its throughput ratio is 1/1.1.
+    swings = [1.0, 3.0, 0.5, 2.0, 1.5] * 40
+    ceiling = [64e-6 * s for s in swings]
+    hit = [64e-6 * 1.1 * s for s in swings]
+    result = perf.paired_ratio(ceiling, hit, per_batch=64)
+    assert result.ratio == pytest.approx(1 / 1.1)
+    assert result.low <= result.ratio <= result.high
+    assert result.pairs == 200
+    assert result.baseline_us == pytest.approx(1.5)
+    assert result.candidate_us == pytest.approx(1.65)
+
+
+def test_paired_ratio_interval_brackets_the_median_of_noisy_pairs() -> None:
+    import random
+
+    rng = random.Random(7)
+    a = [1.0 + rng.uniform(-0.05, 0.05) for _ in range(501)]
+    b = [x * 0.95 * (1 + rng.uniform(-0.05, 0.05)) for x in a]  # candidate ~5% faster
+    result = perf.paired_ratio(a, b)
+    assert 1.03 < result.low <= result.ratio <= result.high < 1.08
+
+
+def test_control_is_valid_only_within_two_percent_of_one() -> None:
+    same = [1.0, 1.1, 0.9] * 10
+    control = perf.paired_ratio(same, same)
+    assert control.ratio == 1.0 and perf.control_valid(control)
+    off = perf.paired_ratio(same, [x / 1.03 for x in same])
+    assert off.ratio == pytest.approx(1.03) and not perf.control_valid(off)
+
+
+def test_paired_ratio_rejects_unpaired_input() -> None:
+    with pytest.raises(ValueError):
+        perf.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        perf.paired_ratio([], [])
+
+
+def test_pair_keys_are_distinct_valid_pairs() -> None:
+    pairs = perf.pair_keys(5000)
+    assert len(set(pairs)) == 5000
+    assert all(len(b) == len(q) == 3 and b.isupper() and q.isupper() and b != q for b, q in pairs)
+
+
+def test_the_benchmark_talks_to_loopback_only() -> None:
+    with pytest.raises(ValueError):
+        perf.HttpConn("10.0.0.1", 80)
+
+
+# --------------------------------------------------------------------------- CLI
+def test_bench_help_runs() -> None:
+    out = subprocess.run([sys.executable, "perf.py", "bench", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for option in ("--json", "--quick", "--only", "wrk"):
+        assert option in out.stdout
+
+
+def test_bench_rejects_an_unknown_phase() -> None:
+    out = subprocess.run([sys.executable, "perf.py", "bench", "--only", "nonsense"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "unknown phase" in out.stderr
+
+
+def test_table_of_a_partial_run_names_what_was_measured() -> None:
+    results = {"miss": {"p50_ms": 0.3, "p99_ms": 0.9}, "memory": {
+        "bytes_per_rate": 700.0, "empty_rss_mb": 50.0, "full_rss_mb": 95.0}}
+    table = perf.markdown_table(perf.build_rows(results))
+    assert "miss GET" in table and "memory per cached rate" in table
+    assert "bulk" not in table  # not measured: not shown
+
+
+# --------------------------------------------------------------------------- the hot path
+def test_rate_response_sends_the_header_lines_sanic_would() -> None:
+    # RateResponse encodes constant header lines once per process; the bytes must be the
+    # ones Sanic's own HTTPResponse produces for the same headers.
+    script = textwrap.dedent("""
+        import json, model, sanic_app
+        from sanic.response import HTTPResponse
+        rate = model.make_rate("USD", "EUR", "0.9213", "ecb", "2026-11-21T16:00:00+00:00",
+                               "2026-11-21T16:00:01+00:00", 123)
+        out = []
+        for how in ("hit", "miss", "bypass"):
+            fast = sanic_app.RateResponse(rate, how)
+            fast.headers["content-length"] = len(rate.body)
+            fast.headers["connection"] = "keep-alive"
+            plain = HTTPResponse(rate.body, status=200, headers=dict(fast.headers),
+                                 content_type=sanic_app.JSON_TYPE)
+            out.append([sorted(fast.processed_headers) == sorted(plain.processed_headers),
+                        fast.body == plain.body, fast.status])
+        print(json.dumps(out))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env=_env())
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1]) == [[True, True, 200]] * 3
+
+
+def _payload(first: int, count: int, version: int) -> str:
+    codes = perf.pair_keys(first + count)[first:]
+    rows = [[b + q, version + i, "1.5", "demo", "2026-11-21T16:00:00+00:00",
+             "2026-11-21T16:00:01+00:00"] for i, (b, q) in enumerate(codes)]
+    return json.dumps({"op": "u", "rows": rows})
+
+
+def _store():
+    import model
+    import util
+
+    store = model.Store(util.load_settings({"XRATES_CACHE_SIZE": "5000"}))
+    store.cache.enable()
+    return store
+
+
+async def _drained(store) -> None:
+    for _ in range(1000):
+        if not store._backlog and not store._drain_scheduled:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the backlog never drained")
+
+
+async def test_a_burst_of_notifications_is_applied_in_slices_in_order() -> None:
+    import model
+
+    store = _store()
+    for chunk in range(25):  # as asyncpg hands them over: all in one event-loop iteration
+        store.apply_payload(_payload(chunk * 40, 40, 1000 + chunk * 40))
+    assert 0 < store.notifications_applied <= model.SLICE_ROWS + 40  # the rest waits its turn
+    await _drained(store)
+    assert store.notifications_applied == 1000
+    key = "".join(perf.pair_keys(1000)[999])
+    assert store.cache.lookup(key).version == 1999
+
+
+async def test_a_heartbeat_barrier_waits_behind_the_burst_that_arrived_before_it() -> None:
+    # A negative result waiting for heartbeat 1 must not be cached while a change of its key
+    # that arrived before the heartbeat is still in the backlog.
+    store = _store()
+    pairs = perf.pair_keys(1000)
+    absent = "".join(pairs[990])  # changed by the last payload of the burst
+    token = store.cache.begin_fill(absent)
+    store.cache.finish_fill(token, ABSENT_VERSION, None, barrier=1)
+    for chunk in range(25):
+        store.apply_payload(_payload(chunk * 40, 40, 5000 + chunk * 40))
+    store._heartbeat_arrived(1)
+    assert store.cache.lookup(absent) is None  # not a (stale) negative entry
+    await _drained(store)
+    assert store.cache.lookup(absent).value is not None  # the change, not the 404
+
+
+async def test_a_listener_outage_drops_the_backlog() -> None:
+    store = _store()
+    for chunk in range(25):
+        store.apply_payload(_payload(chunk * 40, 40, 9000 + chunk * 40))
+    applied = store.notifications_applied
+    store._listener_down("test")
+    await _drained(store)
+    assert store.notifications_applied == applied  # nothing from before the gap is applied
+    store.cache.enable()
+    assert len(store.cache) == 0
+
+
+def test_request_latency_counted_in_bulk_equals_observing_each_request() -> None:
+    from prometheus_client import Histogram
+
+    import metrics
+
+    durations = [0.00005, 0.0001, 0.0003, 0.0009, 0.004, 0.2, 3.0, 0.0001]
+    reference = Histogram("reference", "r", ["route", "status"], registry=None,
+                          buckets=metrics.LATENCY_BUCKETS_S)
+    for seconds in durations:
+        metrics.observe_request("test_perf", 200, seconds)
+        reference.labels("test_perf", "200").observe(seconds)
+    metrics.flush_requests()
+
+    def samples(histogram: Histogram) -> dict[tuple[str, str], float]:
+        (family,) = histogram.collect()
+        return {(s.name.rsplit("_", 1)[-1], s.labels.get("le", "")): s.value
+                for s in family.samples
+                if s.labels.get("route") == "test_perf" and not s.name.endswith("_created")}
+
+    ours = samples(metrics.REQUEST_LATENCY)
+    theirs = samples(reference)
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value), key
