@@ -107,6 +107,13 @@ class WorkerMetrics:
         self.listener_connected = Gauge("xrates_listener_connected", "1 if every worker's "
                                         "listener is connected and proven alive",
                                         multiprocess_mode="livemin")
+        self.notification_lag = Gauge(
+            "xrates_notification_lag_seconds", "Send-to-receipt time of the last heartbeat "
+            "NOTIFY (the delivery delay of every change), worst worker", multiprocess_mode="livemax")
+        self.queue_usage = Gauge(
+            "xrates_notification_queue_usage", "pg_notification_queue_usage() at the last scrape "
+            "(fraction of PostgreSQL's NOTIFY queue in use; near 1 means a listener is stuck)",
+            multiprocess_mode="livemax")
         self._seen = {"hits": 0, "misses": 0, "bypasses": 0, "notifications_applied": 0,
                       "reconnects": 0}
         self._task: asyncio.Task | None = None
@@ -144,3 +151,10 @@ class WorkerMetrics:
         LISTENER_RECONNECTS.inc(self._delta("reconnects", reconnects))
         self.cache_size.set(len(store.cache))
         self.listener_connected.set(1 if store.listener_connected else 0)
+        if listener is not None:
+            self.notification_lag.set(listener.heartbeat_lag_s)
+
+    async def sample_database(self) -> None:
+        """Values that need a query: read at scrape time only (skipped while unavailable)."""
+        with contextlib.suppress(Exception):
+            self.queue_usage.set(await self.store.notification_queue_usage())

@@ -57,6 +57,7 @@ UPSERT_RATE = (
 DELETE_RATE = "SELECT rate_delete($1, $2)"  # returns the tombstone's version, or NULL
 NOTIFY = "SELECT pg_notify($1, $2)"
 PING = "SELECT 1 FROM rate LIMIT 0"  # also proves the schema is there
+NOTIFY_QUEUE_USAGE = "SELECT pg_notification_queue_usage()"
 
 _RUN_COLUMNS = (
     "id, status, trigger, requested, progress_done, progress_total, sources::text AS sources, "
@@ -384,6 +385,9 @@ class Store:
 
     async def ping(self) -> None:
         await self._call("fetchval", PING)
+
+    async def notification_queue_usage(self) -> float:
+        return await self._call("fetchval", NOTIFY_QUEUE_USAGE)
 
     # -- reads --------------------------------------------------------------------------
     def cached(self, key: str) -> Entry | None:

@@ -292,8 +292,8 @@ async def common_headers(request: Request, response: HTTPResponse) -> None:
 @app.exception(model.XratesError)
 async def on_xrates_error(request: Request, exc: model.XratesError) -> HTTPResponse:
     if exc.status >= 500:
-        log.warning("event=request_failed status=%d path=%s error=%r", exc.status,
-                    request.path, str(exc))
+        log.warning("event=request_failed status=%d method=%s path=%s request_id=%s error=%r",
+                    exc.status, request.method, request.path, request.id, str(exc))
     return error_response(exc.status, str(exc))
 
 
@@ -301,7 +301,8 @@ async def on_xrates_error(request: Request, exc: model.XratesError) -> HTTPRespo
 async def on_sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
     status = exc.status_code
     if status >= 500:
-        log.error("event=server_error status=%d path=%s", status, request.path, exc_info=exc)
+        log.error("event=server_error status=%d method=%s path=%s request_id=%s", status,
+                  request.method, request.path, request.id, exc_info=exc)
         return error_response(status, "internal server error")
     message = {
         400: "malformed request",
@@ -316,7 +317,8 @@ async def on_sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
 @app.exception(Exception)
 async def on_unexpected(request: Request, exc: Exception) -> HTTPResponse:
     # Unexpected stays a 500 (logged with its traceback); never disguised as a 4xx.
-    log.error("event=server_error status=500 path=%s", request.path, exc_info=exc)
+    log.error("event=server_error status=500 method=%s path=%s request_id=%s", request.method,
+              request.path, request.id, exc_info=exc)
     return error_response(500, "internal server error")
 
 
@@ -737,6 +739,7 @@ async def ready(request: Request) -> HTTPResponse:
                         {"text/plain": {"schema": {"type": "string"}}}, status=200,
                         description="Prometheus text format")])
 async def metrics_route(request: Request) -> HTTPResponse:
+    await request.app.ctx.metrics.sample_database()
     request.app.ctx.metrics.sync()
     body, content_type = metrics.render()
     return HTTPResponse(body, content_type=content_type)

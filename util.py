@@ -412,6 +412,7 @@ class Listener:
         self.application_name = application_name
         self.on_heartbeat = on_heartbeat
         self.heartbeats_sent = 0  # numbers the heartbeats: a barrier in the stream
+        self.heartbeat_lag_s = 0.0  # send → receipt of the last heartbeat
         self.instance_id = uuid.uuid4().hex[:12]
         self._hb_prefix = '{"op":"hb","id":"' + self.instance_id + '"'
         self.connected = False
@@ -440,9 +441,12 @@ class Listener:
             if payload.startswith(self._hb_prefix):
                 self._last_heartbeat = time.monotonic()
                 self._heartbeat_seen.set()
+                heartbeat = json.loads(payload)
+                # NOTIFY → callback time, as an operator sees it (same host clock).
+                self.heartbeat_lag_s = max(0.0, time.time() - heartbeat["t"])
                 if self.on_heartbeat is not None:
                     # Everything committed before this heartbeat was sent has arrived.
-                    self.on_heartbeat(json.loads(payload)["n"])
+                    self.on_heartbeat(heartbeat["n"])
             return
         try:
             self.on_payload(payload)

@@ -226,7 +226,8 @@ async def test_health_ready_metrics(api: httpx.AsyncClient) -> None:
     text = (await api.get("/metrics")).text
     for name in ("xrates_cache_size", "xrates_cache_hits_total", "xrates_cache_misses_total",
                  "xrates_notifications_applied_total", "xrates_listener_connected",
-                 "xrates_listener_reconnects_total", "xrates_request_duration_seconds_bucket"):
+                 "xrates_listener_reconnects_total", "xrates_request_duration_seconds_bucket",
+                 "xrates_notification_lag_seconds", "xrates_notification_queue_usage"):
         assert name in text, name
     connected = [line for line in text.splitlines()
                  if line.startswith("xrates_listener_connected")]
