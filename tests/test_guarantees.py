@@ -471,3 +471,20 @@ async def test_an_unmigrated_database_answers_503_not_500(pg, start_api) -> None
     await util.migrate(url)  # the migrate step runs late: the instance recovers by itself
     await wait_for(lambda: _status(api, "/ready", 200), 10, what="ready after migration")
     assert (await api.client.get("/v1/rates")).json() == {"rates": [], "count": 0}
+
+
+async def test_a_huge_write_is_applied_without_losing_the_listener(db_url, sql, start_api) -> None:
+    api = await start_api(db_url, env=DEFAULT_HEARTBEAT)
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    codes = [a + b + c for a in letters[:6] for b in letters for c in letters][:3000]
+    pairs = [(base, quote) for base in codes[:150] for quote in codes[150:250]]  # 15,000 rows
+    await sql.execute(
+        "INSERT INTO rate (base, quote, rate, source, as_of) "
+        "SELECT b, q, 1.5, 'manual', now() FROM unnest($1::text[], $2::text[]) AS t(b, q)",
+        [b for b, _ in pairs], [q for _, q in pairs])
+    await wait_for(lambda: _applied(api, len(pairs)), 30, 0.1, "every row applied")
+    for base, quote in (pairs[0], pairs[len(pairs) // 2], pairs[-1]):
+        response = await get(api, base, quote)
+        assert (response.status_code, response.headers["x-cache"]) == (200, "hit")
+    assert await metric(api, "xrates_listener_reconnects_total") == 0  # no missed heartbeat
+    assert await metric(api, "xrates_listener_connected") == 1
