@@ -34,6 +34,7 @@ from sources import SOURCE_NAMES
 ROOT = Path(__file__).resolve().parent
 SCHEMA_PATH = ROOT / "triggers.sql"
 SCHEMA_LOCK_KEY = 7_823_011_001  # pg_advisory_lock key serialising schema applies
+DEMO_INTERVAL_S = 10  # `util.py up` with only the demo source and no XRATES_INTERVAL
 KNOWN_SOURCES = SOURCE_NAMES  # every name XRATES_SOURCES and POST /v1/updates accept
 
 log = logging.getLogger("xrates.util")
@@ -541,6 +542,9 @@ def _up(args: argparse.Namespace) -> int:
                  embedded.port)
     asyncio.run(migrate(url))
     env = {**os.environ, "DATABASE_URL": url, "XRATES_AUTO_MIGRATE": "0"}
+    if settings.sources == ("demo",) and not os.environ.get("XRATES_INTERVAL"):
+        # The offline demo walks one step per interval: move visibly while you watch.
+        env["XRATES_INTERVAL"] = str(DEMO_INTERVAL_S)
     commands = [[sys.executable, "updater.py"]] if (ROOT / "updater.py").exists() else []
     commands += [[sys.executable, "sanic_app.py", "--host", args.host, "--port", str(port)]
                  for port in args.ports]
