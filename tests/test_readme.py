@@ -1,0 +1,111 @@
+"""The README's curl sessions are true: every `$ ` command of its console blocks runs,
+verbatim but for the two ports, against a real `python3 dev.py up`, and prints output of
+the shape the README shows (same JSON keys, same status codes and header names)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, wait_for
+
+import util
+
+MARK = "@@xrates-readme-command@@"
+
+
+def console_blocks(readme: str) -> list[list[tuple[str, list[str]]]]:
+    """Each ```console block as [(command, expected output lines)]."""
+    blocks = []
+    for body in re.findall(r"```console\n(.*?)```", readme, re.S):
+        steps: list[tuple[str, list[str]]] = []
+        for line in body.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            elif line.strip() and not line.startswith("#") and steps:
+                steps[-1][1].append(line)
+        blocks.append(steps)
+    return blocks
+
+
+def same_shape(expected: list[str], actual: list[str]) -> str | None:
+    """Why the actual output does not have the README's shape, or None."""
+    if not expected:
+        return None
+    if len(expected) != len(actual):
+        return f"{len(actual)} lines, README shows {len(expected)}"
+    for want, got in zip(expected, actual, strict=True):
+        if want.startswith("{"):
+            want_doc, got_doc = json.loads(want), json.loads(got)
+            if set(want_doc) != set(got_doc):
+                return f"keys {sorted(got_doc)} != {sorted(want_doc)}"
+            if "error" in want_doc and want_doc != got_doc:
+                return f"error {got_doc} != {want_doc}"
+        elif want.startswith("HTTP/") or re.fullmatch(r"\d{3}", want):
+            if want != got:
+                return f"{got!r} != {want!r}"
+        elif ":" in want and want.split(":")[0].lower() != got.split(":")[0].lower():
+            return f"header {got!r} != {want!r}"
+    return None
+
+
+def test_console_blocks_are_found() -> None:
+    blocks = console_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 2 and sum(len(b) for b in blocks) >= 12
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/ready")).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.slow
+async def test_readme_curl_session_runs_verbatim(tmp_path: Path) -> None:
+    ports = [util.free_port(), util.free_port()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
+    env.pop("DATABASE_URL", None)
+    env["XRATES_DATA_DIR"] = str(tmp_path / "data")
+    log = (tmp_path / "up.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "dev.py", "up", "--ports", *map(str, ports), cwd=ROOT, env=env,
+        stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    try:
+        for port in ports:
+            client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
+            await wait_for(lambda c=client: _ready(c), 60, 0.1, f"instance :{port}")
+            await client.aclose()
+        for block in console_blocks((ROOT / "README.md").read_text()):
+            script = "set -u\n"
+            for command, _ in block:
+                command = command.replace("localhost:8000", f"localhost:{ports[0]}")
+                command = command.replace("localhost:8001", f"localhost:{ports[1]}")
+                script += f"echo {MARK}\n{command}\n"
+            shell = await asyncio.create_subprocess_exec(
+                "bash", "-c", script, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(shell.communicate(), 60)
+            assert shell.returncode == 0, err.decode()
+            outputs = out.decode().split(MARK + "\n")[1:]
+            assert len(outputs) == len(block)
+            for (command, expected), actual in zip(block, outputs, strict=True):
+                problem = same_shape(expected, actual.splitlines())
+                assert problem is None, f"$ {command}\n{problem}\n{actual}"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        log.close()
+        util.EmbeddedPostgres(tmp_path / "data").stop("immediate")
