@@ -130,7 +130,7 @@ class Rate(NamedTuple):
     encoded once (the hit path only copies bytes).
 
     Immutable and small, since the cache holds one per pair: source and timestamps live only
-    in the body (read them through the properties), and the currency codes are interned.
+    in the body, and the currency codes are interned.
     """
 
     base: str
@@ -143,21 +143,6 @@ class Rate(NamedTuple):
     @property
     def decimal(self) -> Decimal:
         return Decimal(self.rate)
-
-    @property
-    def source(self) -> str:
-        return json.loads(self.body)["source"]
-
-    @property
-    def as_of(self) -> str:
-        return json.loads(self.body)["as_of"]
-
-    @property
-    def updated_at(self) -> str:
-        return json.loads(self.body)["updated_at"]
-
-    def as_dict(self) -> dict[str, Any]:
-        return json.loads(self.body, parse_float=Decimal)
 
 
 @functools.lru_cache(maxsize=256)
