@@ -185,3 +185,28 @@ async def start_api(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Api
             await api.stop()
             errors += api.server_errors()
         assert not errors, "server errors logged:\n" + "\n".join(errors)
+
+
+# --------------------------------------------------------------------------- `dev.py up`
+async def start_up(data_dir: Path, ports: list[int], log: Path,
+                   env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """The README's run command, `python3 dev.py up`, on the given ports."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
+    environment.pop("DATABASE_URL", None)
+    environment.update({"XRATES_DATA_DIR": str(data_dir), **(env or {})})
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "dev.py", "up", "--ports", *map(str, ports), cwd=ROOT, env=environment,
+        stdout=log.open("ab"), stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+
+
+async def stop_up(proc: asyncio.subprocess.Process) -> int:
+    """Ctrl-C: SIGINT to the process we started, then wait (bounded); its exit code."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise AssertionError("dev.py up did not stop within 30 s of SIGINT") from None
+    return proc.returncode

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, wait_for
+from conftest import ROOT, start_up, stop_up, wait_for
 
 import util
 
@@ -71,13 +68,7 @@ async def _ready(client: httpx.AsyncClient) -> bool:
 @pytest.mark.slow
 async def test_readme_curl_session_runs_verbatim(tmp_path: Path) -> None:
     ports = [util.free_port(), util.free_port()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
-    env.pop("DATABASE_URL", None)
-    env["XRATES_DATA_DIR"] = str(tmp_path / "data")
-    log = (tmp_path / "up.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "dev.py", "up", "--ports", *map(str, ports), cwd=ROOT, env=env,
-        stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    proc = await start_up(tmp_path / "data", ports, tmp_path / "up.log")
     try:
         for port in ports:
             client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
@@ -100,12 +91,5 @@ async def test_readme_curl_session_runs_verbatim(tmp_path: Path) -> None:
                 problem = same_shape(expected, actual.splitlines())
                 assert problem is None, f"$ {command}\n{problem}\n{actual}"
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        log.close()
+        await stop_up(proc)
         util.EmbeddedPostgres(tmp_path / "data").stop("immediate")

@@ -4,15 +4,11 @@ the data."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, wait_for
+from conftest import ROOT, start_up, stop_up, wait_for
 
 import util
 
@@ -24,35 +20,13 @@ async def _ready(client: httpx.AsyncClient) -> bool:
         return False
 
 
-async def _start(data_dir: Path, ports: list[int], log: Path) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
-    env.pop("DATABASE_URL", None)
-    env.update({"XRATES_DATA_DIR": str(data_dir), "XRATES_INTERVAL": "2"})
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "dev.py", "up", "--ports", *map(str, ports), cwd=ROOT, env=env,
-        stdout=log.open("ab"), stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> int:
-    """Ctrl-C: SIGINT to the process we started, then wait (bounded)."""
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        except TimeoutError:
-            os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            raise AssertionError("dev.py up did not stop within 30 s of SIGINT") from None
-    return proc.returncode
-
-
 @pytest.mark.slow
 async def test_run_command_serves_two_instances_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir, log = tmp_path / "data", tmp_path / "up.log"
     ports = [util.free_port(), util.free_port()]
     a = httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports[0]}", timeout=10)
     b = httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports[1]}", timeout=10)
-    proc = await _start(data_dir, ports, log)
+    proc = await start_up(data_dir, ports, log, {"XRATES_INTERVAL": "2"})
     try:
         await wait_for(lambda: _ready(a), 60, 0.1, "instance A")
         await wait_for(lambda: _ready(b), 60, 0.1, "instance B")
@@ -70,21 +44,21 @@ async def test_run_command_serves_two_instances_and_stops_cleanly(tmp_path: Path
                 body = (await b.get("/v1/rates", params={"base": "EUR"})).json()
                 return body["count"] >= 20
             await wait_for(demo_rates, 60, 0.2, "the updater's demo rates")
-        assert await _stop(proc) == 0
+        assert await stop_up(proc) == 0
         assert util.EmbeddedPostgres(data_dir).running_pid() is None  # PostgreSQL stopped too
         for client in (a, b):
             with pytest.raises(httpx.TransportError):
                 await client.get("/health")
 
         # A second run reuses the data.
-        proc = await _start(data_dir, ports, log)
+        proc = await start_up(data_dir, ports, log, {"XRATES_INTERVAL": "2"})
         await wait_for(lambda: _ready(a), 60, 0.1, "instance A again")
         again = await a.get("/v1/rates/USD/EUR")
         assert again.status_code == 200 and again.json()["rate"] == 0.9213
-        assert await _stop(proc) == 0
+        assert await stop_up(proc) == 0
     finally:
         if proc.returncode is None:
-            await _stop(proc)
+            await stop_up(proc)
         await a.aclose()
         await b.aclose()
         util.EmbeddedPostgres(data_dir).stop("immediate")
