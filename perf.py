@@ -386,7 +386,7 @@ TARGETS = {
     "memory_bytes_per_rate": "<= 1024",
     "miss_p50_ms": "<= 1.0 ms",
 }
-PHASES = ("miss", "wrk", "alternating", "propagation", "bulk", "memory")
+PHASES = ("miss", "handler", "wrk", "alternating", "propagation", "bulk", "memory")
 CEILING_PATH = "/health"  # SPEC §4: constant, no I/O, same middleware: the framework ceiling
 FLOOR_CHANNEL = "xrates_bench_floor"  # a channel no API instance listens on
 PROBE_INTERVAL_S = 0.0005  # pace of the event-loop stall probes during bulk rounds
@@ -731,6 +731,10 @@ class Bench:
         phases = self.phases
         if "miss" in phases:
             self.results["miss"] = self.measure_miss(a)
+        if "handler" in phases:
+            (p,) = self.start_apis([("P", {"XRATES_PROFILE": "1"})])  # aelapsed on every handler
+            self.results["handler"] = self.measure_handler(p)
+            self.stop_apis([p])
         if "wrk" in phases and self.wrk is None:
             self.results["wrk_missing"] = WRK_INSTALL_HINT
         if "wrk" in phases and self.wrk is not None:
@@ -784,6 +788,27 @@ class Bench:
             self.notes.append(f"miss: {not_miss} first reads were not 200 + X-Cache: miss")
         return {"runs": runs, "p50_ms": median_of(runs, "p50_ms"), "p99_ms": median_of(runs, "p99_ms"),
                 "not_miss": not_miss}
+
+    def measure_handler(self, api: Api) -> dict[str, Any]:
+        """Handler time (perf.aelapsed via XRATES_PROFILE=1) of a GET's miss, then its hit."""
+        self.say("handler: aelapsed of rate_get, first read (miss) then second read (hit)")
+        pairs = self.miss[:self.config.miss_samples]
+        conn = api.conn()
+        try:
+            for pair in pairs + pairs:  # never read by this new instance: miss, then hit
+                conn.call("GET", rate_path(pair))
+        finally:
+            conn.close()
+        times_ms = [float(line.rsplit("ms=", 1)[1]) for line in api.log_path.read_text().splitlines()
+                    if "event=elapsed name=xrates.rate_get " in line]
+        if len(times_ms) != 2 * len(pairs):
+            raise RuntimeError(f"handler: expected {2 * len(pairs)} timings, got {len(times_ms)}")
+        miss_ms, hit_ms = times_ms[:len(pairs)], times_ms[len(pairs):]
+        result = {"miss_p50_ms": percentile(miss_ms, 50), "hit_p50_ms": percentile(hit_ms, 50),
+                  "miss_p99_ms": percentile(miss_ms, 99), "hit_p99_ms": percentile(hit_ms, 99),
+                  "samples": len(pairs)}
+        self.say(f"  hit p50 {result['hit_p50_ms']:.4f} ms, miss p50 {result['miss_p50_ms']:.3f} ms")
+        return result
 
     # -- wrk ----------------------------------------------------------------------------
     def wrk_run(self, api: Api, paths: Sequence[str]) -> dict[str, float]:
@@ -1241,6 +1266,10 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         rows.append(("miss GET (first read, serial)",
                      f"p50 {miss['p50_ms']:.3f} ms, p99 {miss['p99_ms']:.3f} ms", "",
                      TARGETS["miss_p50_ms"], verdict(miss["p50_ms"] <= 1.0)))
+    if handler := results.get("handler"):
+        rows.append(("handler time of one GET (aelapsed): hit vs miss",
+                     f"hit p50 {handler['hit_p50_ms']:.4f} ms, miss p50 {handler['miss_p50_ms']:.3f} ms",
+                     f"miss is {handler['miss_p50_ms'] / handler['hit_p50_ms']:.0f}x hit", "", ""))
     if prop := results.get("propagation"):
         floor, after = prop["floor"], prop["after_ack"]
         rows.append(("floor: raw LISTEN/NOTIFY (send -> callback)",
