@@ -488,3 +488,25 @@ async def test_a_huge_write_is_applied_without_losing_the_listener(db_url, sql, 
         assert (response.status_code, response.headers["x-cache"]) == (200, "hit")
     assert await metric(api, "xrates_listener_reconnects_total") == 0  # no missed heartbeat
     assert await metric(api, "xrates_listener_connected") == 1
+
+
+async def test_metrics_are_aggregated_over_workers(db_url, sql, start_api) -> None:
+    api = await start_api(db_url, workers=2)  # /ready answered: at least one worker is up
+    attempt = 0
+
+    async def both_workers_cache_it() -> bool:  # each worker's listener applies every change
+        nonlocal attempt
+        attempt += 1
+        await sql.execute(INSERT, "USD", "EUR", f"1.{attempt}")
+        return await metric(api, "xrates_cache_size") == 2
+
+    await wait_for(both_workers_cache_it, 15, 0.3, "the change cached by both workers")
+    for _ in range(40):  # spread over both workers by the kernel
+        assert (await get(api, "USD", "EUR")).headers["x-cache"] == "hit"
+
+    async def all_hits_counted() -> bool:  # each worker copies its counters once a second
+        return await metric(api, "xrates_cache_hits_total") >= 40
+
+    await wait_for(all_hits_counted, 10, what="hits summed over workers")
+    assert await metric(api, "xrates_cache_size") == 2  # one entry in each worker's cache
+    assert await metric(api, "xrates_listener_connected") == 1
