@@ -38,12 +38,23 @@ def ensure_venv() -> None:
     wanted = _requirements_digest()
     if PYTHON.exists() and STAMP.exists() and STAMP.read_text() == wanted:
         return
+    pip = [str(PYTHON), "-m", "pip"]
     if not PYTHON.exists():
         print("dev.py: creating .venv", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        try:
+            venv.EnvBuilder(with_pip=True).create(VENV)
+        except subprocess.CalledProcessError:
+            # Some distributions ship Python without ensurepip (Debian: python3-venv): make
+            # the venv without pip and let this Python's own pip install into it.
+            venv.EnvBuilder(with_pip=False, clear=True).create(VENV)
+    if subprocess.run([*pip, "--version"], capture_output=True).returncode != 0:
+        pip = [sys.executable, "-m", "pip", "--python", str(PYTHON)]
+        if subprocess.run([*pip, "--version"], capture_output=True).returncode != 0:
+            sys.exit("dev.py: no pip for .venv: install your distribution's python3-venv "
+                     "(or python3-pip) package, delete .venv and run this again")
     print("dev.py: installing pinned dependencies into .venv", flush=True)
     subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+        [*pip, "install", "--quiet", "--disable-pip-version-check",
          "-r", str(ROOT / "requirements-dev.txt"), "-c", str(ROOT / "constraints.txt")],
         check=True,
     )
