@@ -229,8 +229,11 @@ class Store:
             async with self.pool.acquire() as conn:
                 await util.apply_schema(conn)
         # The listener runs even with the cache off: /ready reports on it.
+        # The listener may need its own URL: LISTEN is session state, so it must bypass a
+        # transaction-pooling PgBouncer that the pool goes through (XRATES_LISTEN_URL).
         self.listener = util.Listener(
-            url, CHANNEL, self.apply_payload, self.cache.enable, self._listener_down,
+            self.settings.listen_url or url, CHANNEL, self.apply_payload, self.cache.enable,
+            self._listener_down,
             self._send_notify, self.settings.heartbeat_s, self.settings.heartbeat_timeout_s,
             on_heartbeat=self._heartbeat_arrived,
         )

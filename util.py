@@ -50,6 +50,7 @@ class Settings:
     """Everything read from the environment, once. Build with ``load_settings(environ)``."""
 
     database_url: str | None = None
+    listen_url: str | None = None  # the listener's own URL (direct, past any pooler)
     data_dir: Path = Path(".data")
     cache_size: int = 65536
     api_token: str | None = field(default=None, repr=False)
@@ -126,18 +127,18 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} must be 0 or 1")
 
 
-def _database_url(env: Mapping[str, str]) -> str | None:
-    raw = env.get("DATABASE_URL", "").strip()
+def _database_url(env: Mapping[str, str], name: str = "DATABASE_URL") -> str | None:
+    raw = env.get(name, "").strip()
     if not raw:
         return None
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ConfigError("DATABASE_URL is not a valid URL") from None
+        raise ConfigError(f"{name} is not a valid URL") from None
     if parts.scheme not in ("postgres", "postgresql") or not (parts.hostname or parts.query):
         raise ConfigError(
-            f"DATABASE_URL must look like postgresql://user:pass@host:port/db "
+            f"{name} must look like postgresql://user:pass@host:port/db "
             f"(got scheme {parts.scheme!r})"
         )
     return raw
@@ -179,6 +180,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     }
     return Settings(
         database_url=_database_url(env),
+        listen_url=_database_url(env, "XRATES_LISTEN_URL"),
         data_dir=Path(env.get("XRATES_DATA_DIR", "").strip() or ".data"),
         cache_size=_int(env, "XRATES_CACHE_SIZE", 65536),
         api_token=token,

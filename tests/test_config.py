@@ -53,6 +53,7 @@ def test_repr_hides_secrets() -> None:
 @pytest.mark.parametrize(("name", "value"), [
     ("DATABASE_URL", "mysql://db/x"),
     ("DATABASE_URL", "postgresql://db:notaport/x"),
+    ("XRATES_LISTEN_URL", "http://db/x"),
     ("XRATES_CACHE_SIZE", "-1"),
     ("XRATES_CACHE_SIZE", "lots"),
     ("XRATES_SOURCES", "ecb,nosuch"),
@@ -67,7 +68,7 @@ def test_repr_hides_secrets() -> None:
 def test_bad_values_are_rejected_with_the_name(name: str, value: str) -> None:
     with pytest.raises(util.ConfigError) as raised:
         util.load_settings({name: value})
-    assert name in str(raised.value) or name == "DATABASE_URL"
+    assert name in str(raised.value)
 
 
 @pytest.mark.parametrize("script", [["sanic_app.py"], ["updater.py", "--once"],

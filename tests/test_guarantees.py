@@ -510,3 +510,20 @@ async def test_metrics_are_aggregated_over_workers(db_url, sql, start_api) -> No
     await wait_for(all_hits_counted, 10, what="hits summed over workers")
     assert await metric(api, "xrates_cache_size") == 2  # one entry in each worker's cache
     assert await metric(api, "xrates_listener_connected") == 1
+
+
+async def test_the_listener_can_use_its_own_url(db_url, sql, start_api) -> None:
+    """XRATES_LISTEN_URL (for a pool behind transaction pooling): the listener, and only it,
+    connects with that URL — here as another database role, to tell the two apart."""
+    role = f"xrates_listen_{os.getpid()}_{random.randrange(10**6)}"
+    await sql.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+    listen_url = db_url.replace("postgresql://postgres@", f"postgresql://{role}@")
+    api = await start_api(db_url, env={"XRATES_LISTEN_URL": listen_url})
+    db = _db_name(db_url)
+    users = {(r["application_name"], r["usename"]) for r in await sql.fetch(
+        "SELECT application_name, usename FROM pg_stat_activity WHERE datname = $1 "
+        "AND application_name LIKE 'xrates-%'", db)}
+    assert ("xrates-listener", role) in users
+    assert ("xrates-api", "postgres") in users
+    await sql.execute(INSERT, "USD", "EUR", "1.1")
+    await wait_for(lambda: _rate_is(api, "USD", "EUR", 1.1, "hit"), 5, what="push via that URL")
