@@ -215,6 +215,7 @@ class Store:
         self.hits = self.misses = self.bypasses = 0
         self.notifications_applied = 0
         self._closed = False
+        self._migrate_task: asyncio.Task | None = None
         # Notifications waiting their turn (see apply_payload): payloads, and heartbeat numbers
         # (ints) that must pass only after the payloads that arrived before them.
         self._backlog: deque[str | int] = deque()
@@ -225,9 +226,11 @@ class Store:
     async def start(self, url: str) -> None:
         """Pool first, then the listener (which enables the cache once proven alive)."""
         self.pool = await util.create_pool(url, self.settings)
-        if self.settings.auto_migrate:
-            async with self.pool.acquire() as conn:
-                await util.apply_schema(conn)
+        if self.settings.auto_migrate and not await self._migrate():
+            # The database is not there yet: keep answering 503 (the schema check of /ready
+            # fails) and migrate as soon as it comes.
+            self._migrate_task = asyncio.get_running_loop().create_task(
+                self._migrate_until_done(), name="xrates-migrate")
         # The listener runs even with the cache off: /ready reports on it.
         # The listener may need its own URL: LISTEN is session state, so it must bypass a
         # transaction-pooling PgBouncer that the pool goes through (XRATES_LISTEN_URL).
@@ -239,6 +242,24 @@ class Store:
         )
         self.listener.start()
 
+    async def _migrate(self) -> bool:
+        """Apply triggers.sql once; False if the database cannot be reached."""
+        try:
+            async with asyncio.timeout(self.settings.db_timeout_s * 5):
+                async with self.pool.acquire() as conn:
+                    await util.apply_schema(conn)
+            return True
+        except _UNAVAILABLE as exc:
+            log.warning("event=migrate_deferred reason=%r", f"{type(exc).__name__}: {exc}")
+            return False
+
+    async def _migrate_until_done(self, retry_s: float = 1.0) -> None:
+        while True:
+            if await self._migrate():
+                log.info("event=migrated")
+                return
+            await asyncio.sleep(retry_s)  # a retry period, not a wait for a condition
+
     async def close(self) -> None:
         """Listener first (it uses the pool for heartbeats), then the pool. Idempotent.
 
@@ -248,6 +269,8 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        if self._migrate_task is not None:
+            self._migrate_task.cancel()
         if self.listener is not None:
             await self.listener.close()
         if self.pool is not None:

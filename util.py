@@ -351,10 +351,13 @@ async def connect(url: str, application_name: str, timeout_s: float = 5.0) -> as
 
 
 async def create_pool(url: str, settings: Settings, application_name: str = "xrates-api"):
-    """The instance's pool. Every query is bounded by ``db_timeout_s`` (overload → fast 503)."""
+    """The instance's pool. Every query is bounded by ``db_timeout_s`` (overload → fast 503).
+
+    No connection is opened up front (min_size 0), so an instance can start while its
+    database is still down and answer 503 until it comes."""
     return await asyncpg.create_pool(
         url,
-        min_size=1,
+        min_size=0,
         max_size=settings.pool_size,
         command_timeout=settings.db_timeout_s,
         timeout=settings.db_timeout_s,

@@ -527,3 +527,29 @@ async def test_the_listener_can_use_its_own_url(db_url, sql, start_api) -> None:
     assert ("xrates-api", "postgres") in users
     await sql.execute(INSERT, "USD", "EUR", "1.1")
     await wait_for(lambda: _rate_is(api, "USD", "EUR", 1.1, "hit"), 5, what="push via that URL")
+
+
+async def test_an_instance_started_before_its_database_waits_for_it(tmp_path, start_api) -> None:
+    server = util.EmbeddedPostgres(tmp_path / "pg-late", durable=False)
+    url = server.start()
+    server.stop("fast")  # the port is known; nothing listens on it now
+    try:
+        # auto-migrate on (the default): the schema is applied once the database comes
+        api = await start_api(url, env={"XRATES_AUTO_MIGRATE": "1"}, wait=False)
+
+        async def answers() -> bool:
+            try:
+                return (await api.client.get("/health")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(answers, 30, 0.05, "the API to answer without its database")
+        assert (await api.client.get("/ready")).status_code == 503
+        assert (await get(api, "USD", "EUR")).status_code == 503
+        assert (await api.client.put("/v1/rates/USD/EUR", json={"rate": 1})).status_code == 503
+        server.start()
+        await wait_for(lambda: _status(api, "/ready", 200), 30, what="ready once the database is up")
+        assert (await api.client.put("/v1/rates/USD/EUR", json={"rate": 1})).status_code == 201
+        assert "event=migrate_deferred" in api.log() and "event=migrated" in api.log()
+    finally:
+        server.stop("immediate")
