@@ -209,7 +209,7 @@ def authorise_write(request: Request) -> None:
 
 
 # ----------------------------------------------------------------------------- app
-app = Sanic("xrates")
+app = Sanic("xrates", log_config=util.sanic_log_config(SETTINGS))
 app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
 app.config.FALLBACK_ERROR_FORMAT = "json"
 app.config.CORS = False  # ours: reads only (see cors_headers)

@@ -211,7 +211,11 @@ def settings_or_exit(env: Mapping[str, str] | None = None) -> Settings:
 
 
 # --------------------------------------------------------------------------- logging
-class _JsonFormatter(logging.Formatter):
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; Sanic's access records keep their fields."""
+
+    ACCESS_FIELDS = ("host", "request", "status", "byte", "duration")
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
@@ -220,16 +224,36 @@ class _JsonFormatter(logging.Formatter):
             "pid": record.process,
             "msg": record.getMessage(),
         }
+        for name in self.ACCESS_FIELDS:
+            if name in record.__dict__:
+                doc[name] = record.__dict__[name]
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
+        return json.dumps(doc, default=str)
+
+
+def sanic_log_config(settings: Settings) -> dict | None:
+    """Sanic's own loggers (server, errors, access) in JSON too when XRATES_LOG_FORMAT=json;
+    None keeps Sanic's defaults."""
+    if settings.log_format != "json":
+        return None
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": sys.stderr}
+    names = ("sanic.root", "sanic.error", "sanic.access", "sanic.server", "sanic.websockets")
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"json": handler},
+        "loggers": {name: {"level": "INFO", "handlers": ["json"], "propagate": False}
+                    for name in names},
+    }
 
 
 def setup_logging(settings: Settings) -> None:
     """One line per event; ``XRATES_LOG_FORMAT=json`` for machine-readable lines."""
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")
@@ -508,7 +532,8 @@ class Listener:
                 if self.connected:
                     self.connected = False
                     self.on_down(reason)
-                    log.warning("event=listener_down reason=%r", reason)
+                    log.log(logging.INFO if reason == "closing" else logging.WARNING,
+                            "event=listener_down reason=%r", reason)
                 if conn is not None:
                     conn.terminate()  # never wait on a backend that may be frozen
             if self._closing.is_set():

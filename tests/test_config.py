@@ -4,6 +4,7 @@ one clear line and exit code 2; secrets never appear in its repr."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,15 @@ def test_processes_stop_at_start_with_one_line_and_exit_2(script: list[str]) -> 
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["xrates: configuration error: XRATES_CACHE_SIZE='-5' must be >= 0"]
+
+
+async def test_json_logs_are_one_object_per_line(db_url, start_api) -> None:
+    api = await start_api(db_url, env={"XRATES_LOG_FORMAT": "json", "XRATES_ACCESS_LOG": "1"})
+    await api.client.get("/v1/rates/USD/EUR")
+    await api.client.put("/v1/rates/USD/EUR", json={"rate": "NaN"})
+    await api.stop()
+    records = [json.loads(line) for line in api.log().splitlines() if line.strip()]
+    assert {"ts", "level", "logger", "pid", "msg"} <= set(records[0])
+    access = [r for r in records if r["logger"] == "sanic.access"]
+    assert {(r["request"].split()[0], r["status"]) for r in access} >= {("GET", 404), ("PUT", 422)}
+    assert any("event=listener_up" in r["msg"] for r in records)
