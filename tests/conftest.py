@@ -44,6 +44,14 @@ async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout_s: float = 1
         await asyncio.sleep(interval_s)
 
 
+async def answers_200(client: httpx.AsyncClient, path: str = "/ready") -> bool:
+    """True if ``path`` answers 200; False on another status or no connection (yet)."""
+    try:
+        return (await client.get(path)).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 @pytest.fixture(scope="session")
 def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[util.EmbeddedPostgres]:

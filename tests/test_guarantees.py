@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from conftest import ApiProcess, wait_for
+from conftest import ApiProcess, answers_200, wait_for
 
 import model
 import util
@@ -457,13 +457,7 @@ async def test_an_unmigrated_database_answers_503_not_500(pg, start_api) -> None
     url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
     api = await start_api(url, wait=False)  # XRATES_AUTO_MIGRATE=0: nobody creates the schema
 
-    async def answers() -> bool:
-        try:
-            return (await api.client.get("/health")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    await wait_for(answers, 30, 0.05, "the API to answer")
+    await wait_for(lambda: answers_200(api.client, "/health"), 30, 0.05, "the API to answer")
     assert (await api.client.get("/ready")).status_code == 503
     for path in ("/v1/rates", "/v1/rates/USD/EUR", "/v1/updates"):
         response = await api.client.get(path)
@@ -537,13 +531,8 @@ async def test_an_instance_started_before_its_database_waits_for_it(tmp_path, st
         # auto-migrate on (the default): the schema is applied once the database comes
         api = await start_api(url, env={"XRATES_AUTO_MIGRATE": "1"}, wait=False)
 
-        async def answers() -> bool:
-            try:
-                return (await api.client.get("/health")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_for(answers, 30, 0.05, "the API to answer without its database")
+        await wait_for(lambda: answers_200(api.client, "/health"), 30, 0.05,
+                       "the API to answer without its database")
         assert (await api.client.get("/ready")).status_code == 503
         assert (await get(api, "USD", "EUR")).status_code == 503
         assert (await api.client.put("/v1/rates/USD/EUR", json={"rate": 1})).status_code == 503

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, start_up, stop_up, wait_for
+from conftest import ROOT, answers_200, start_up, stop_up, wait_for
 
 import util
 
@@ -58,13 +58,6 @@ def test_console_blocks_are_found() -> None:
     assert len(blocks) >= 2 and sum(len(b) for b in blocks) >= 12
 
 
-async def _ready(client: httpx.AsyncClient) -> bool:
-    try:
-        return (await client.get("/ready")).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 @pytest.mark.slow
 async def test_readme_curl_session_runs_verbatim(tmp_path: Path) -> None:
     ports = [util.free_port(), util.free_port()]
@@ -72,7 +65,7 @@ async def test_readme_curl_session_runs_verbatim(tmp_path: Path) -> None:
     try:
         for port in ports:
             client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
-            await wait_for(lambda c=client: _ready(c), 60, 0.1, f"instance :{port}")
+            await wait_for(lambda c=client: answers_200(c), 60, 0.1, f"instance :{port}")
             await client.aclose()
         for block in console_blocks((ROOT / "README.md").read_text()):
             script = "set -u\n"

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, start_up, stop_up, wait_for
+from conftest import ROOT, answers_200, start_up, stop_up, wait_for
 
 import util
-
-
-async def _ready(client: httpx.AsyncClient) -> bool:
-    try:
-        return (await client.get("/ready")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 @pytest.mark.slow
@@ -28,8 +21,8 @@ async def test_run_command_serves_two_instances_and_stops_cleanly(tmp_path: Path
     b = httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports[1]}", timeout=10)
     proc = await start_up(data_dir, ports, log, {"XRATES_INTERVAL": "2"})
     try:
-        await wait_for(lambda: _ready(a), 60, 0.1, "instance A")
-        await wait_for(lambda: _ready(b), 60, 0.1, "instance B")
+        await wait_for(lambda: answers_200(a), 60, 0.1, "instance A")
+        await wait_for(lambda: answers_200(b), 60, 0.1, "instance B")
         written = await a.put("/v1/rates/USD/EUR", json={"rate": "0.9213"})
         assert written.status_code in (200, 201)
         version = written.json()["version"]
@@ -52,7 +45,7 @@ async def test_run_command_serves_two_instances_and_stops_cleanly(tmp_path: Path
 
         # A second run reuses the data.
         proc = await start_up(data_dir, ports, log, {"XRATES_INTERVAL": "2"})
-        await wait_for(lambda: _ready(a), 60, 0.1, "instance A again")
+        await wait_for(lambda: answers_200(a), 60, 0.1, "instance A again")
         again = await a.get("/v1/rates/USD/EUR")
         assert again.status_code == 200 and again.json()["rate"] == 0.9213
         assert await stop_up(proc) == 0
