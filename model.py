@@ -67,6 +67,17 @@ INSERT_MANUAL_RUN = (
     "INSERT INTO update_run (trigger, requested) VALUES ('manual', $1) "
     f"RETURNING {_RUN_COLUMNS}"
 )
+# POST /v1/updates: a request identical to one still queued joins it instead of queueing
+# another run, so repeated requests (a retrying client, an impatient user) cannot pile up
+# runs the updater would then execute one after another.
+QUEUE_MANUAL_RUN = (
+    "WITH waiting AS ("
+    f"SELECT {_RUN_COLUMNS} FROM update_run WHERE status = 'queued' AND trigger = 'manual' "
+    "AND requested IS NOT DISTINCT FROM $1::text[] ORDER BY id LIMIT 1), "
+    "queued AS (INSERT INTO update_run (trigger, requested) SELECT 'manual', $1::text[] "
+    f"WHERE NOT EXISTS (SELECT 1 FROM waiting) RETURNING {_RUN_COLUMNS}) "
+    "SELECT * FROM queued UNION ALL SELECT * FROM waiting"
+)
 SELECT_RUN = f"SELECT {_RUN_COLUMNS} FROM update_run WHERE id = $1"
 SELECT_RUNS = (
     f"SELECT {_RUN_COLUMNS} FROM update_run "
@@ -469,7 +480,8 @@ class Store:
 
     # -- update runs --------------------------------------------------------------------
     async def queue_run(self, sources: list[str] | None) -> dict[str, Any]:
-        return run_from_record(await self._fetchrow(INSERT_MANUAL_RUN, sources))
+        """Queue a manual run, or return the identical one already waiting."""
+        return run_from_record(await self._fetchrow(QUEUE_MANUAL_RUN, sources))
 
     async def get_run(self, run_id: int) -> dict[str, Any]:
         rec = await self._fetchrow(SELECT_RUN, run_id)

@@ -267,3 +267,16 @@ async def test_queue_and_read_update_runs(api: httpx.AsyncClient) -> None:
     assert len(runs) == 1 and runs[0]["id"] > run_id
     assert (await api.get("/v1/updates", params={"status": "queued"})).json()["updates"]
     assert (await api.get("/v1/updates/999999")).status_code == 404
+
+
+async def test_identical_update_requests_join_the_waiting_run(api: httpx.AsyncClient) -> None:
+    # No updater runs here, so requests stay queued.
+    first = (await api.post("/v1/updates", json={"sources": ["ecb"]})).json()["id"]
+    again = (await api.post("/v1/updates", json={"sources": ["ECB", "ecb"]})).json()["id"]
+    assert again == first  # the same request joins the run still waiting
+    other = (await api.post("/v1/updates", json={"sources": ["nbu"]})).json()["id"]
+    everything = (await api.post("/v1/updates")).json()["id"]
+    assert len({first, other, everything}) == 3
+    assert (await api.post("/v1/updates")).json()["id"] == everything
+    queued = (await api.get("/v1/updates", params={"status": "queued"})).json()["updates"]
+    assert len(queued) == 3
