@@ -6,6 +6,10 @@ Rules (SPEC §5):
   or a flush, was applied after the read began — even if the newer entry was evicted since.
 - While the listener is not proven alive the cache is disabled: reads bypass it, and it is
   flushed before it is trusted again.
+- A state known before its notification arrives (this instance's own write, or a fill that
+  read a newer committed row) is not replaced by an older notification, even after an eviction.
+- A negative result (no row) is cached only once a heartbeat sent after the read has come
+  back through the notification stream with no change of the key: provably current.
 - The LRU never holds more than ``max_size`` entries (tombstones included).
 """
 
@@ -61,7 +65,6 @@ class RateCache:
         self._ahead: LRI = LRI(max_size=AHEAD_SIZE)
         # key -> heartbeat number a negative result waits for (see finish_fill)
         self._pending_negative: dict[str, int] = {}
-        self.applied = 0
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -175,7 +178,8 @@ class RateCache:
         """Apply a committed change: a notification, or (``own_write``) this instance's
         own write, applied before its notification arrives (read your own writes).
 
-        Notifications arrive in commit order, so only an own write can be ahead of them.
+        Notifications arrive in commit order; only states this instance learnt directly (its
+        own writes, its fills) can be ahead of them, and those are remembered in ``_ahead``.
         ``value`` None means deleted. Returns True if the cache changed.
         """
         self._tick += 1
@@ -184,7 +188,6 @@ class RateCache:
             record[1] = self._tick
         if self._pending_negative:
             self._pending_negative.pop(key, None)  # a change: the negative result is moot
-        self.applied += 1
         lru = self._lru
         if not self._enabled or lru is None:
             return False

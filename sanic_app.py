@@ -35,6 +35,7 @@ from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 import metrics
 import model
 import util
+from sources import MAX_DIGITS, MAX_RATE, MIN_RATE, significant_digits  # the SPEC §3 rate rules
 
 log = logging.getLogger("xrates.api")
 
@@ -43,9 +44,6 @@ util.setup_logging(SETTINGS)
 
 MAX_BODY_BYTES = 64 * 1024
 JSON_TYPE = "application/json"
-RATE_MIN = Decimal("1e-12")
-RATE_MAX = Decimal("1e12")
-MAX_SIGNIFICANT = 15
 RUN_STATUSES = ("queued", "running", "succeeded", "failed")
 PIVOT_FIRST = ("EUR", "USD")
 
@@ -53,7 +51,7 @@ _CODE = re.compile(r"[A-Za-z]{3}\Z")
 _DECIMAL_TEXT = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)\Z")
 _SOURCE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
 _WIDE = Context(prec=60, rounding=ROUND_HALF_EVEN)  # intermediate precision for convert
-_RESULT = Context(prec=MAX_SIGNIFICANT, rounding=ROUND_HALF_EVEN)
+_RESULT = Context(prec=MAX_DIGITS, rounding=ROUND_HALF_EVEN)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -112,12 +110,10 @@ def parse_decimal(value: Any, field: str) -> Decimal:
         raise invalid(field, "must be a number or a plain decimal string like \"1.0832\"")
     if not number.is_finite():
         raise invalid(field, "must be finite")
-    if not RATE_MIN <= number < RATE_MAX:
+    if not MIN_RATE <= number < MAX_RATE:
         raise invalid(field, "must be at least 1e-12 and below 1e12")
-    digits = number.as_tuple().digits
-    significant = len(digits) - (len(digits) - len("".join(map(str, digits)).rstrip("0")))
-    if significant > MAX_SIGNIFICANT:
-        raise invalid(field, f"has more than {MAX_SIGNIFICANT} significant digits")
+    if significant_digits(number) > MAX_DIGITS:
+        raise invalid(field, f"has more than {MAX_DIGITS} significant digits")
     return number
 
 
@@ -212,7 +208,7 @@ def authorise_write(request: Request) -> None:
 app = Sanic("xrates", log_config=util.sanic_log_config(SETTINGS))
 app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
 app.config.FALLBACK_ERROR_FORMAT = "json"
-app.config.CORS = False  # ours: reads only (see cors_headers)
+app.config.CORS = False  # ours, for reads only: READ_CORS, preflight() and common_headers()
 app.config.OAS_URL_PREFIX = "/docs"
 app.config.OAS_UI_DEFAULT = "swagger"
 app.config.OAS_IGNORE_OPTIONS = True

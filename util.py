@@ -72,6 +72,7 @@ class Settings:
     def __repr__(self) -> str:  # never print secrets (token, URL password)
         return (
             f"Settings(database_url={redact_url(self.database_url)!r}, "
+            f"listen_url={redact_url(self.listen_url)!r}, "
             f"data_dir={str(self.data_dir)!r}, cache_size={self.cache_size}, "
             f"api_token={'set' if self.api_token else 'unset'}, sources={self.sources}, "
             f"interval_s={self.interval_s}, auto_migrate={self.auto_migrate}, "

@@ -45,9 +45,10 @@ def test_settings_are_frozen_and_parsed() -> None:
 
 def test_repr_hides_secrets() -> None:
     settings = util.load_settings({"DATABASE_URL": "postgresql://u:hunter2@db/x",
+                                   "XRATES_LISTEN_URL": "postgresql://u:hunter3@db/x",
                                    "XRATES_API_TOKEN": "tok-123"})
     text = repr(settings)
-    assert "hunter2" not in text and "tok-123" not in text
+    assert "hunter2" not in text and "hunter3" not in text and "tok-123" not in text
     assert "***" in text and "api_token=set" in text
 
 
