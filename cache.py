@@ -6,8 +6,16 @@ Rules (SPEC §5):
   or a flush, was applied after the read began — even if the newer entry was evicted since.
 - While the listener is not proven alive the cache is disabled: reads bypass it, and it is
   flushed before it is trusted again.
-- A state known before its notification arrives (this instance's own write, or a fill that
-  read a newer committed row) is not replaced by an older notification, even after an eviction.
+- An own write (this instance's write, applied when its statement returns) is guarded like a
+  fill: it raises the key's floor (below) and replaces a lower entry, but it inserts a missing
+  key only if nothing touched the key and no flush happened since the write began — a newer
+  change may have been applied and evicted while the write was on its way back.
+- A state known before its notification arrives (an own write, or a fill that read a
+  committed row) becomes a *floor* for its key: no older notification replaces it, even after
+  an eviction or a flush. A floor is dropped once its own notification (or a newer one)
+  arrives, or once a heartbeat sent after it has come back (everything committed before that
+  heartbeat has then arrived). At ``floor_cap`` floors, fills are served but not cached, so that no floor
+  is ever dropped early.
 - A negative result (no row) is cached only once a heartbeat sent after the read has come
   back through the notification stream with no change of the key: provably current.
 - The LRU never holds more than ``max_size`` entries (tombstones included).
@@ -18,14 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from boltons.cacheutils import LRI, LRU
+from boltons.cacheutils import LRU
 
 _dict_get = dict.get  # see RateCache.apply
 
 # Version of a negative entry from a read that found no row: any real change outranks it.
 ABSENT_VERSION = 0
-# States known ahead of the notification stream that are remembered (see RateCache._ahead).
-AHEAD_SIZE = 4096
+# Floors at which fills stop being cached (see RateCache._floors); own writes still add theirs.
+FLOOR_CAP = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,21 +56,23 @@ class FillToken:
 class RateCache:
     """Versioned LRU with fill protection. Not thread-safe: one event loop drives it."""
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, floor_cap: int = FLOOR_CAP) -> None:
         if max_size < 0:
             raise ValueError("max_size must be >= 0")
         self.max_size = max_size
+        self.floor_cap = floor_cap
         self._lru: LRU | None = LRU(max_size=max_size) if max_size > 0 else None
         self._enabled = False
         self._epoch = 0  # bumped by every flush: fills begun before it are void
         self._tick = 0  # bumped by every applied change
         # key -> [readers in flight, tick of the last change applied to the key]
         self._inflight: dict[str, list[int]] = {}
-        # key -> version of a state this instance learnt before its notification arrived
-        # (its own write, or a fill that read a committed row whose NOTIFY is still in
-        # flight); older notifications for the key must not win, even after an eviction.
-        # Entries leave when the stream catches up; the bound only ages out stale ones.
-        self._ahead: LRI = LRI(max_size=AHEAD_SIZE)
+        # key -> (version, barrier): a state this instance learnt before its notification
+        # arrived (an own write, or a fill that read a committed row whose NOTIFY may still be
+        # in flight); older notifications for the key must not win, even after an eviction.
+        # Kept in insertion order, which is barrier order (barriers never decrease), so that
+        # pass_barrier drops the floors it makes safe from the front.
+        self._floors: dict[str, tuple[int, int]] = {}
         # key -> heartbeat number a negative result waits for (see finish_fill)
         self._pending_negative: dict[str, int] = {}
 
@@ -89,7 +99,9 @@ class RateCache:
         """Forget every entry and void every fill in flight."""
         if self._lru is not None:
             self._lru.clear()
-        self._ahead.clear()  # notifications from before a flush never arrive after it
+        # Floors survive: an own write may have returned (and been told to its client) before
+        # a TRUNCATE's flush arrived, while older notifications of its key still follow the
+        # flush in the stream. Heartbeats drop floors soon enough.
         self._pending_negative.clear()
         self._epoch += 1
         self._tick += 1
@@ -115,11 +127,12 @@ class RateCache:
         """Offer the read's result; returns True if it was cached now.
 
         ``version`` is the row's version; a read that found no row passes value None
-        (a negative result). A negative result is cached only when provably current: once
-        heartbeat number ``barrier``, sent after the read, has come back through the
-        notification stream (``pass_barrier``) with no change of the key in between —
-        then no older notification for the key can still be on its way. Without a
-        barrier the caller vouches for that itself.
+        (a negative result). ``barrier`` is the number of the next heartbeat, which is sent
+        after the read. A negative result is cached only when provably current: once that
+        heartbeat has come back through the notification stream (``pass_barrier``) with no
+        change of the key in between. A positive one is cached at once and becomes the key's
+        floor until that heartbeat is back. Without a barrier the caller vouches that no
+        older notification for the key can still be on its way.
         """
         touched = self._release(token.key)
         if (
@@ -135,18 +148,69 @@ class RateCache:
                     self._pending_negative[token.key] = barrier
                 return False
             return self._store_negative(token.key)
-        ahead = self._ahead.get(token.key)
-        if ahead is not None and version < ahead:
+        floor = self._floors.get(token.key)
+        if floor is not None and version < floor[0]:
             return False  # the read began after a newer state was applied: an old snapshot
         current = self._lru.get(token.key)
         if current is not None and current.version >= version:
             return False
+        if barrier is not None:
+            if floor is None and len(self._floors) >= self.floor_cap:
+                return False  # served, not cached: no floor is ever dropped to make room
+            self._raise_floor(token.key, version, barrier)
         self._lru[token.key] = Entry(version, value)
-        self._ahead[token.key] = version  # its notification may still be on the way
         return True
 
+    def finish_write(self, token: FillToken, version: int, value: Any, barrier: int) -> bool:
+        """This instance's own committed write (``value`` None: a delete's tombstone), offered
+        when its statement returns; ``token`` was taken before the statement was sent and
+        ``barrier`` is the next heartbeat's number. Returns True if the cache changed.
+
+        The write is known ahead of its notification, so it becomes the key's floor. It
+        replaces a lower entry (read your own writes), but a missing key is inserted only if
+        nothing touched it and no flush happened since the write began: a newer state may
+        have been applied and evicted while the write was on its way back, and its
+        notification would never come again to correct an older one put over it.
+        """
+        touched = self._release(token.key)
+        lru = self._lru
+        if not self._enabled or lru is None:
+            return False
+        key = token.key
+        if self._raise_floor(key, version, barrier) > version:
+            return False  # a newer write of ours (told to its client) returned first
+        current = lru.get(key)
+        if current is not None:
+            if current.version >= version:
+                return False
+        elif touched > token.tick or token.epoch != self._epoch:
+            return False
+        lru[key] = Entry(version, value)
+        return True
+
+    def _raise_floor(self, key: str, version: int, barrier: int) -> int:
+        """Make ``version`` the key's floor unless it has a higher one; the floor's version."""
+        floor = self._floors.pop(key, None)
+        if floor is not None and floor[0] > version:
+            version = floor[0]
+        self._floors[key] = (version, barrier)  # re-inserted last: insertion = barrier order
+        return version
+
+    @property
+    def floors(self) -> int:
+        """How many keys have a floor (states known ahead of the stream)."""
+        return len(self._floors)
+
     def pass_barrier(self, barrier: int) -> int:
-        """Heartbeat ``barrier`` came back: cache the negative results waiting for it."""
+        """Heartbeat ``barrier`` came back: everything committed before it was sent has been
+        applied. Drop the floors it makes safe and cache the negative results waiting for it;
+        returns how many negative results were cached."""
+        floors = self._floors
+        while floors:
+            key = next(iter(floors))
+            if floors[key][1] > barrier:
+                break
+            del floors[key]
         ready = [key for key, needed in self._pending_negative.items() if needed <= barrier]
         stored = 0
         for key in ready:
@@ -155,7 +219,7 @@ class RateCache:
         return stored
 
     def _store_negative(self, key: str) -> bool:
-        if not self._enabled or self._lru is None or key in self._ahead:
+        if not self._enabled or self._lru is None or key in self._floors:
             return False  # a newer state of the key is known (maybe evicted): not current
         if self._lru.get(key) is not None:
             return False
@@ -174,13 +238,12 @@ class RateCache:
         return record[1]
 
     # -- changes -----------------------------------------------------------------------
-    def apply(self, key: str, version: int, value: Any, own_write: bool = False) -> bool:
-        """Apply a committed change: a notification, or (``own_write``) this instance's
-        own write, applied before its notification arrives (read your own writes).
+    def apply(self, key: str, version: int, value: Any) -> bool:
+        """Apply a committed change from the notification stream (``value`` None: deleted).
 
         Notifications arrive in commit order; only states this instance learnt directly (its
-        own writes, its fills) can be ahead of them, and those are remembered in ``_ahead``.
-        ``value`` None means deleted. Returns True if the cache changed.
+        own writes, its fills) can be ahead of them, and those are the floors. Returns True if
+        the cache changed.
         """
         self._tick += 1
         record = self._inflight.get(key)
@@ -191,18 +254,17 @@ class RateCache:
         lru = self._lru
         if not self._enabled or lru is None:
             return False
-        # boltons' LRI/LRU are dicts holding the same values as their linked lists. Their
-        # .get() raises and catches KeyError on a miss (slow on the notification path, where
-        # most keys are absent); the plain dict read answers the same without reordering, and
-        # the store below moves the key to the front anyway.
-        ahead = _dict_get(self._ahead, key)
-        if own_write:
-            if ahead is None or version > ahead:
-                self._ahead[key] = version
-        elif ahead is not None:
-            if version < ahead:
-                return False  # older than a state already served, which may have been evicted
-            del self._ahead[key]  # the stream has caught up
+        # boltons' LRU is a dict holding the same values as its linked list. Its .get() raises
+        # and catches KeyError on a miss (slow on the notification path, where most keys are
+        # absent); the plain dict read answers the same without reordering, and the store
+        # below moves the key to the front anyway.
+        floors = self._floors
+        if floors:
+            floor = _dict_get(floors, key)
+            if floor is not None:
+                if version < floor[0]:
+                    return False  # older than a state already served, maybe since evicted
+                del floors[key]  # the stream has caught up with it
         current = _dict_get(lru, key)
         if current is not None and current.version >= version:
             return False

@@ -9,9 +9,7 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import sys
-from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -20,16 +18,15 @@ from typing import Any, NamedTuple
 import asyncpg
 
 import util
-from cache import ABSENT_VERSION, Entry, RateCache
+from cache import ABSENT_VERSION, Entry, FillToken, RateCache
+from listener import CHANNEL, DeleteRow, Feed, UpsertRow
 
 log = logging.getLogger("xrates.model")
 
-CHANNEL = "xrates"  # must equal xrates_channel() in triggers.sql (tested)
+__all__ = ["CHANNEL"]  # re-exported: the notification channel's name lives in listener.py
 RUNS_CHANNEL = "xrates_runs"
 
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
-SLICE_ROWS = 100  # notification rows applied per event-loop iteration before yielding
-_yield_cpu = getattr(os, "sched_yield", lambda: None)
 
 # ----------------------------------------------------------------------------- SQL
 _RATE_COLUMNS = "base, quote, rate::text AS rate, source, as_of, updated_at, version"
@@ -215,42 +212,34 @@ def run_from_record(rec: asyncpg.Record) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- store
 class Store:
-    """The rate store of one API instance: pool, listener and cache, driven together."""
+    """The rate store of one API instance: data access, and the pure cache it drives from
+    its reads, its writes and the notification feed (it is the feed's ``listener.Sink``)."""
 
     def __init__(self, settings: util.Settings) -> None:
         self.settings = settings
         self.cache = RateCache(settings.cache_size)
         self.pool: asyncpg.Pool | None = None
-        self.listener: util.Listener | None = None
+        self.listener: Feed | None = None
         self.timeout_s = settings.db_timeout_s
         self.hits = self.misses = self.bypasses = 0
         self.notifications_applied = 0
         self._closed = False
         self._migrate_task: asyncio.Task | None = None
-        # Notifications waiting their turn (see apply_payload): payloads, and heartbeat numbers
-        # (ints) that must pass only after the payloads that arrived before them.
-        self._backlog: deque[str | int] = deque()
-        self._slice_rows = 0  # rows applied in this event-loop iteration
-        self._drain_scheduled = False
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, url: str) -> None:
-        """Pool first, then the listener (which enables the cache once proven alive)."""
+        """Pool first, then the feed (which enables the cache once proven alive)."""
         self.pool = await util.create_pool(url, self.settings)
         if self.settings.auto_migrate and not await self._migrate():
             # The database is not there yet: keep answering 503 (the schema check of /ready
             # fails) and migrate as soon as it comes.
             self._migrate_task = asyncio.get_running_loop().create_task(
                 self._migrate_until_done(), name="xrates-migrate")
-        # The listener runs even with the cache off: /ready reports on it.
-        # The listener may need its own URL: LISTEN is session state, so it must bypass a
-        # transaction-pooling PgBouncer that the pool goes through (XRATES_LISTEN_URL).
-        self.listener = util.Listener(
-            self.settings.listen_url or url, CHANNEL, self.apply_payload, self.cache.enable,
-            self._listener_down,
-            self._send_notify, self.settings.heartbeat_s, self.settings.heartbeat_timeout_s,
-            on_heartbeat=self._heartbeat_arrived,
-        )
+        # The feed runs even with the cache off: /ready reports on it. It may need its own
+        # URL: LISTEN is session state, so it must bypass a transaction-pooling PgBouncer that
+        # the pool goes through (XRATES_LISTEN_URL).
+        self.listener = Feed(self.settings.listen_url or url, self, self._send_notify,
+                             self.settings.heartbeat_s, self.settings.heartbeat_timeout_s)
         self.listener.start()
 
     async def _migrate(self) -> bool:
@@ -272,7 +261,7 @@ class Store:
             await asyncio.sleep(retry_s)  # a retry period, not a wait for a condition
 
     async def close(self) -> None:
-        """Listener first (it uses the pool for heartbeats), then the pool. Idempotent.
+        """Feed first (it uses the pool for heartbeats), then the pool. Idempotent.
 
         The pool is terminated, not awaited: the server has drained its requests by now,
         and an awaited close can outlive the worker's event loop at shutdown.
@@ -290,97 +279,39 @@ class Store:
 
     def _next_heartbeat(self) -> int:
         listener = self.listener
-        return listener.heartbeats_sent + 1 if listener is not None else 1
-
-    def _listener_down(self, _reason: str) -> None:
-        self._backlog.clear()  # from the lost connection: the flush below forgets them too
-        self.cache.disable()
+        return listener.next_heartbeat if listener is not None else 1
 
     async def _send_notify(self, channel: str, payload: str) -> None:
         await self._execute(NOTIFY, channel, payload)
 
-    # -- notifications (synchronous: called from the listener's callback) -------------
-    def apply_payload(self, payload: str) -> None:
-        """Apply one notification payload from triggers.sql to the cache.
-
-        Payloads are applied in arrival order, at once unless this event-loop iteration has
-        already applied SLICE_ROWS rows: a burst (a bulk write of 1,000 rates arrives as 25
-        payloads in one read) then waits in a backlog that is applied a slice per iteration,
-        so requests are never stalled for longer than one slice. Heartbeats that arrive behind
-        a backlog wait in it too (_heartbeat_arrived): a barrier passes only once everything
-        before it is applied. The backlog only fills while the cache is enabled and is cleared
-        when the listener goes down, so nothing from before a gap is applied after it.
-
-        A payload applied at once that cannot be applied raises (the listener then
-        reconnects, which flushes the cache); one from the backlog flushes the cache itself.
-        """
-        if self.cache.enabled and (self._backlog or self._slice_rows >= SLICE_ROWS):
-            self._backlog.append(payload)
-        else:
-            self._slice_rows += self._apply_payload_now(payload)
-        self._schedule_drain()
-
-    def _heartbeat_arrived(self, number: int) -> None:
-        if self._backlog:
-            self._backlog.append(number)
-        else:
-            self.cache.pass_barrier(number)
-
-    def _apply_payload_now(self, payload: str) -> int:
-        """Apply one payload; the number of rows it carried."""
-        message = json.loads(payload)
-        op = message["op"]
+    # -- the feed's sink (synchronous: called from the listener's callbacks) -------------
+    def upserted(self, rows: Sequence[UpsertRow]) -> None:
         cache = self.cache
-        if op == "u":
-            rows = message["rows"]
-            if cache.enabled:
-                for row in rows:
-                    cache.apply(row[0], row[1], rate_from_notification(row))
-            else:  # nothing is stored: skip building the values
-                for row in rows:
-                    cache.apply(row[0], row[1], None)
-        elif op == "d":
-            rows = message["rows"]
-            for key, version in rows:
-                cache.apply(key, version, None)
-        elif op == "flush":
-            rows = ()
-            cache.flush()
-        else:
-            raise ValueError(f"unknown notification op {op!r}")
+        if cache.enabled:
+            for row in rows:
+                cache.apply(row[0], row[1], rate_from_notification(row))
+        else:  # nothing is stored: skip building the values
+            for row in rows:
+                cache.apply(row[0], row[1], None)
         self.notifications_applied += len(rows)
-        return len(rows) or 1
 
-    def _schedule_drain(self) -> None:
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            asyncio.get_running_loop().call_soon(self._drain)
+    def deleted(self, rows: Sequence[DeleteRow]) -> None:
+        apply = self.cache.apply
+        for key, version in rows:
+            apply(key, version, None)
+        self.notifications_applied += len(rows)
 
-    def _drain(self) -> None:
-        """A new event-loop iteration: reset the slice and apply the next slice of the backlog."""
-        self._drain_scheduled = False
-        self._slice_rows = 0
-        backlog = self._backlog
-        try:
-            while backlog and self._slice_rows < SLICE_ROWS:
-                item = backlog.popleft()
-                if isinstance(item, int):
-                    self.cache.pass_barrier(item)
-                else:
-                    self._slice_rows += self._apply_payload_now(item)
-        except Exception:
-            # A payload we cannot apply: forget everything (as a reconnect would); changes
-            # after it still arrive, and fills read the database again.
-            log.exception("event=notification_failed action=flush")
-            backlog.clear()
-            self.cache.flush()
-        if backlog:
-            # Still a burst to apply: let other processes on this core (the other workers or
-            # instances, which take the same burst) answer their requests in between, rather
-            # than waiting for the scheduler to take the core from this one.
-            _yield_cpu()
-        if backlog or self._slice_rows:
-            self._schedule_drain()
+    def flushed(self) -> None:
+        self.cache.flush()
+
+    def barrier_passed(self, number: int) -> None:
+        self.cache.pass_barrier(number)
+
+    def trusted(self) -> None:
+        self.cache.enable()
+
+    def untrusted(self, _reason: str) -> None:
+        self.cache.disable()
 
     # -- database calls -----------------------------------------------------------------
     async def _call(self, method: str, sql: str, *args: Any) -> Any:
@@ -390,7 +321,13 @@ class Store:
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self.pool.acquire() as conn:
-                    return await getattr(conn, method)(sql, *args)
+                    try:
+                        return await getattr(conn, method)(sql, *args)
+                    finally:
+                        if conn.is_in_transaction():
+                            # Only a statement cut short leaves one open: close the
+                            # connection rather than pay a ROLLBACK to reuse it.
+                            conn.terminate()
         except asyncpg.exceptions.UniqueViolationError as exc:
             raise Conflict("rate already exists") from exc
         except _UNAVAILABLE as exc:
@@ -426,7 +363,7 @@ class Store:
         cache = self.cache
         if not cache.enabled:
             self.bypasses += 1
-            return await self._read_rate(base, quote), BYPASS
+            return await self.read_rate(base, quote), BYPASS
         key = base + quote
         entry = cache.lookup(key)
         if entry is not None:
@@ -434,18 +371,22 @@ class Store:
             return entry.value, HIT
         token = cache.begin_fill(key)
         try:
-            rate = await self._read_rate(base, quote)
+            rate = await self.read_rate(base, quote)
         except BaseException:
             cache.cancel_fill(token)
             raise
+        # A found row is cached at once (guarded by the next heartbeat as its floor); a 404
+        # once that heartbeat proves no change of the key was in flight.
+        barrier = self._next_heartbeat()
         if rate is not None:
-            cache.finish_fill(token, rate.version, rate)
-        else:  # a 404 is cached once the next heartbeat proves no change is in flight
-            cache.finish_fill(token, ABSENT_VERSION, None, barrier=self._next_heartbeat())
+            cache.finish_fill(token, rate.version, rate, barrier=barrier)
+        else:
+            cache.finish_fill(token, ABSENT_VERSION, None, barrier=barrier)
         self.misses += 1
         return rate, MISS
 
-    async def _read_rate(self, base: str, quote: str) -> Rate | None:
+    async def read_rate(self, base: str, quote: str) -> Rate | None:
+        """The pair's row straight from the database (no cache)."""
         rec = await self._fetchrow(SELECT_RATE, base, quote)
         return rate_from_record(rec) if rec is not None else None
 
@@ -456,26 +397,39 @@ class Store:
         """Every stored rate whose base or quote is one of ``codes`` (for pivots)."""
         return [rate_from_record(r) for r in await self._fetch(SELECT_RATES_TOUCHING, list(codes))]
 
-    # -- writes (each applied to this instance's cache at once: read your own writes) ---
+    # -- writes (each applied to this instance's cache as it returns: read your own writes) --
     async def create_rate(self, base: str, quote: str, rate: Decimal, source: str,
                           as_of: datetime) -> Rate:
-        rec = await self._fetchrow(INSERT_RATE, base, quote, rate, source, as_of)
-        return self._applied(rate_from_record(rec))
+        token = self.cache.begin_fill(base + quote)  # before the statement: see finish_write
+        rec = await self._guarded(token, self._fetchrow(INSERT_RATE, base, quote, rate, source,
+                                                        as_of))
+        return self._written(token, rate_from_record(rec))
 
     async def put_rate(self, base: str, quote: str, rate: Decimal, source: str,
                        as_of: datetime) -> tuple[Rate, bool]:
         """Upsert; returns the stored rate and whether it was created."""
-        rec = await self._fetchrow(UPSERT_RATE, base, quote, rate, source, as_of)
-        return self._applied(rate_from_record(rec)), rec["created"]
+        token = self.cache.begin_fill(base + quote)
+        rec = await self._guarded(token, self._fetchrow(UPSERT_RATE, base, quote, rate, source,
+                                                        as_of))
+        return self._written(token, rate_from_record(rec)), rec["created"]
 
     async def delete_rate(self, base: str, quote: str) -> None:
-        version = await self._call("fetchval", DELETE_RATE, base, quote)
+        token = self.cache.begin_fill(base + quote)
+        version = await self._guarded(token, self._call("fetchval", DELETE_RATE, base, quote))
         if version is None:
+            self.cache.cancel_fill(token)
             raise NotFound(f"no rate for {base}/{quote}")
-        self.cache.apply(base + quote, version, None, own_write=True)
+        self.cache.finish_write(token, version, None, self._next_heartbeat())
 
-    def _applied(self, rate: Rate) -> Rate:
-        self.cache.apply(rate.base + rate.quote, rate.version, rate, own_write=True)
+    async def _guarded(self, token: FillToken, statement: Any) -> Any:
+        try:
+            return await statement
+        except BaseException:
+            self.cache.cancel_fill(token)
+            raise
+
+    def _written(self, token: FillToken, rate: Rate) -> Rate:
+        self.cache.finish_write(token, rate.version, rate, self._next_heartbeat())
         return rate
 
     # -- update runs --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Configuration, connections, the listener, embedded PostgreSQL and admin commands.
+"""Configuration, connections, embedded PostgreSQL and admin commands.
 
     python util.py migrate     apply triggers.sql (idempotent, under an advisory lock)
     python util.py up          embedded PostgreSQL + updater + API on :8000 and :8001
@@ -18,10 +18,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -375,6 +373,12 @@ async def connect(url: str, application_name: str, timeout_s: float = 5.0) -> as
     )
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's reset query (a round trip on every release): pool
+    connections never LISTEN, SET or hold session locks, and one released inside a
+    transaction is closed by its user (model.Store._call), not rolled back here."""
+
+
 async def create_pool(url: str, settings: Settings, application_name: str = "xrates-api"):
     """The instance's pool. Every query is bounded by ``db_timeout_s`` (overload → fast 503).
 
@@ -387,6 +391,7 @@ async def create_pool(url: str, settings: Settings, application_name: str = "xra
         command_timeout=settings.db_timeout_s,
         timeout=settings.db_timeout_s,
         server_settings={"application_name": application_name},
+        reset=_keep_session,
     )
 
 
@@ -406,156 +411,6 @@ async def migrate(url: str) -> None:
         await apply_schema(conn)
     finally:
         await conn.close()
-
-
-# --------------------------------------------------------------------------- listener
-class Listener:
-    """The one LISTEN connection of an instance (SPEC §5.4, §5.6).
-
-    Notifications are trusted only while delivery is proven: after (re-)LISTEN the
-    listener sends a heartbeat NOTIFY through the pool and calls ``on_up`` only once it
-    arrives; then a heartbeat every ``heartbeat_s``. If none arrives for
-    ``heartbeat_timeout_s`` (a silently dead connection), or the connection ends, it calls
-    ``on_down`` and reconnects with capped backoff.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        channel: str,
-        on_payload: Callable[[str], None],
-        on_up: Callable[[], None],
-        on_down: Callable[[str], None],
-        send_heartbeat: Callable[[str, str], Awaitable[None]],
-        heartbeat_s: float,
-        heartbeat_timeout_s: float,
-        application_name: str = "xrates-listener",
-        on_heartbeat: Callable[[int], None] | None = None,
-    ) -> None:
-        self.url = url
-        self.channel = channel
-        self.on_payload = on_payload
-        self.on_up = on_up
-        self.on_down = on_down
-        self.send_heartbeat = send_heartbeat
-        self.heartbeat_s = heartbeat_s
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.application_name = application_name
-        self.on_heartbeat = on_heartbeat
-        self.heartbeats_sent = 0  # numbers the heartbeats: a barrier in the stream
-        self.heartbeat_lag_s = 0.0  # send → receipt of the last heartbeat
-        self.instance_id = uuid.uuid4().hex[:12]
-        self._hb_prefix = '{"op":"hb","id":"' + self.instance_id + '"'
-        self.connected = False
-        self.reconnects = 0
-        self.backend_pid: int | None = None
-        self._last_heartbeat = 0.0
-        self._heartbeat_seen = asyncio.Event()
-        self._lost = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="xrates-listener")
-
-    async def close(self) -> None:
-        self._closing.set()
-        self._lost.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    # The callback is synchronous and O(rows): apply, never await.
-    def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
-        if payload.startswith('{"op":"hb"'):
-            if payload.startswith(self._hb_prefix):
-                self._last_heartbeat = time.monotonic()
-                self._heartbeat_seen.set()
-                heartbeat = json.loads(payload)
-                # NOTIFY → callback time, as an operator sees it (same host clock).
-                self.heartbeat_lag_s = max(0.0, time.time() - heartbeat["t"])
-                if self.on_heartbeat is not None:
-                    # Everything committed before this heartbeat was sent has arrived.
-                    self.on_heartbeat(heartbeat["n"])
-            return
-        try:
-            self.on_payload(payload)
-        except Exception:
-            # A payload we cannot apply means the cache can no longer be trusted.
-            log.exception("event=notification_failed action=reconnect")
-            self._lost.set()
-
-    def _on_terminated(self, _conn) -> None:
-        self._lost.set()
-
-    async def _heartbeat(self) -> None:
-        self._heartbeat_seen.clear()
-        self.heartbeats_sent += 1
-        payload = json.dumps({"op": "hb", "id": self.instance_id, "n": self.heartbeats_sent,
-                              "t": time.time()}, separators=(",", ":"))
-        with contextlib.suppress(Exception):  # a failed send shows up as a missing receipt
-            await self.send_heartbeat(self.channel, payload)
-
-    async def _prove_delivery(self) -> bool:
-        await self._heartbeat()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._heartbeat_seen.wait(), self.heartbeat_timeout_s)
-            return True
-        return False
-
-    async def _run(self) -> None:
-        backoff = 0.05
-        while not self._closing.is_set():
-            conn = None
-            reason = "closing"
-            try:
-                conn = await connect(self.url, self.application_name,
-                                     timeout_s=self.heartbeat_timeout_s * 2)
-                self._lost.clear()
-                conn.add_termination_listener(self._on_terminated)
-                await conn.add_listener(self.channel, self._on_notify)
-                self.backend_pid = conn.get_server_pid()
-                if not await self._prove_delivery():
-                    raise ConnectionError("first heartbeat not delivered")
-                self._last_heartbeat = time.monotonic()
-                self.connected = True
-                self.on_up()
-                log.info("event=listener_up backend_pid=%s reconnects=%d",
-                         self.backend_pid, self.reconnects)
-                backoff = 0.05
-                reason = await self._watch()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            finally:
-                if self.connected:
-                    self.connected = False
-                    self.on_down(reason)
-                    log.log(logging.INFO if reason == "closing" else logging.WARNING,
-                            "event=listener_down reason=%r", reason)
-                if conn is not None:
-                    conn.terminate()  # never wait on a backend that may be frozen
-            if self._closing.is_set():
-                break
-            self.reconnects += 1
-            log.info("event=listener_retry backoff_s=%.2f reason=%r", backoff, reason)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), backoff)
-            backoff = min(backoff * 2, 1.0)
-
-    async def _watch(self) -> str:
-        """Heartbeat until the connection is lost or delivery stops; the reason."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self.heartbeat_s)
-            if self._lost.is_set():
-                return "closing" if self._closing.is_set() else "connection lost"
-            silent_s = time.monotonic() - self._last_heartbeat
-            if silent_s > self.heartbeat_timeout_s:
-                return f"no heartbeat for {silent_s:.2f}s"
-            await self._heartbeat()
 
 
 # --------------------------------------------------------------------------- supervisor

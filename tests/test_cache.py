@@ -114,17 +114,72 @@ def test_size_bound_counts_tombstones() -> None:
     cache = enabled_cache(size=3)
     for version, key in enumerate(["AAABBB", "CCCDDD", "EEEFFF", "GGGHHH", "IIIJJJ"], 1):
         cache.apply(key, version, None)
-        assert len(cache) <= 3
+    assert len(cache) == 3  # the three newest tombstones, and nothing beyond the bound
+    assert [cache.lookup(k) for k in ("EEEFFF", "GGGHHH", "IIIJJJ")] == [
+        Entry(3, None), Entry(4, None), Entry(5, None)]
 
 
 def test_own_write_survives_eviction_against_its_late_older_notification() -> None:
     cache = enabled_cache(size=1)
-    cache.apply("USDEUR", 2, "v2", own_write=True)  # our write; v1's NOTIFY still in flight
+    token = cache.begin_fill("USDEUR")
+    assert cache.finish_write(token, 2, "v2", barrier=1)  # ours; v1's NOTIFY still in flight
     cache.apply("GBPUSD", 3, "x")  # evicts USDEUR
     assert cache.apply("USDEUR", 1, "v1") is False  # the late older notification
     assert cache.lookup("USDEUR") is None
     assert cache.apply("USDEUR", 2, "v2")  # its own notification caught up
-    assert len(cache._ahead) == 0
+    assert cache.floors == 0
+
+
+def test_a_late_own_write_never_replaces_a_newer_evicted_change() -> None:
+    cache = enabled_cache(size=1)
+    token = cache.begin_fill("USDEUR")  # our write is sent ...
+    assert cache.apply("USDEUR", 1, "v1")  # ... commits, and its notification arrives
+    assert cache.apply("USDEUR", 2, "v2")  # someone else's newer write
+    cache.apply("GBPUSD", 3, "x")  # evicts USDEUR
+    assert cache.finish_write(token, 1, "v1", barrier=1) is False  # our write returns late
+    assert cache.lookup("USDEUR") is None  # a miss reads v2 from the database
+
+
+def test_own_write_replaces_a_lower_entry_even_if_the_key_was_touched() -> None:
+    cache = enabled_cache()
+    token = cache.begin_fill("USDEUR")
+    cache.apply("USDEUR", 1, "v1")  # an older change arrives while our write is out
+    assert cache.finish_write(token, 2, "v2", barrier=1)
+    assert cache.lookup("USDEUR") == Entry(2, "v2")  # read your own write
+
+
+def test_own_write_after_a_flush_raises_the_floor_but_inserts_nothing() -> None:
+    cache = enabled_cache()
+    token = cache.begin_fill("USDEUR")
+    cache.flush()  # TRUNCATE (or a reconnect) while the write was out
+    assert cache.finish_write(token, 5, "v5", barrier=1) is False
+    assert cache.lookup("USDEUR") is None
+    assert cache.apply("USDEUR", 4, "v4") is False  # older than what the client was told
+
+
+def test_floors_are_dropped_by_the_heartbeat_sent_after_them() -> None:
+    cache = enabled_cache(size=1)
+    for version, (key, barrier) in enumerate([("AAABBB", 1), ("CCCDDD", 2), ("EEEFFF", 2)], 1):
+        cache.finish_write(cache.begin_fill(key), version, f"v{version}", barrier=barrier)
+    assert cache.floors == 3
+    cache.pass_barrier(1)
+    assert cache.floors == 2
+    cache.pass_barrier(2)
+    assert cache.floors == 0
+
+
+def test_at_the_floor_cap_fills_are_served_uncached_and_floors_kept() -> None:
+    cache = RateCache(8, floor_cap=2)
+    cache.enable()
+    for version, key in enumerate(["AAABBB", "CCCDDD"], 1):
+        assert cache.finish_fill(cache.begin_fill(key), version, "v", barrier=1)
+    assert cache.finish_fill(cache.begin_fill("EEEFFF"), 3, "v3", barrier=1) is False
+    assert cache.lookup("EEEFFF") is None and cache.floors == 2
+    token = cache.begin_fill("GGGHHH")
+    assert cache.finish_write(token, 4, "v4", barrier=1)  # own writes keep their floor
+    assert cache.floors == 3
+    cache.pass_barrier(1)
+    assert cache.finish_fill(cache.begin_fill("EEEFFF"), 3, "v3", barrier=2)
 
 
 def test_negative_fill_waits_for_the_heartbeat_barrier() -> None:
@@ -149,20 +204,21 @@ def test_negative_fill_is_dropped_if_the_key_changes_before_the_barrier() -> Non
 
 def test_negative_fill_never_hides_a_state_known_ahead_of_the_stream() -> None:
     cache = enabled_cache(size=1)
-    cache.apply("USDEUR", 1, "v1", own_write=True)
+    cache.finish_write(cache.begin_fill("USDEUR"), 1, "v1", barrier=1)
     cache.apply("GBPUSD", 2, "x")  # evicts USDEUR
     token = cache.begin_fill("USDEUR")
     assert cache.finish_fill(token, ABSENT_VERSION, None) is False
     assert cache.lookup("USDEUR") is None
 
 
-def test_flush_forgets_own_writes_ahead() -> None:
+def test_floors_survive_a_flush_until_a_heartbeat_passes() -> None:
     cache = enabled_cache()
-    cache.apply("USDEUR", 5, "v5", own_write=True)
-    cache.disable()  # the listener dropped: v5's notification may never come
-    cache.enable()
-    assert len(cache._ahead) == 0
-    assert cache.apply("USDEUR", 6, "v6")
+    cache.apply("USDEUR", 3, "v3")
+    cache.finish_write(cache.begin_fill("USDEUR"), 5, "v5", barrier=1)  # told to the client
+    cache.flush()  # a TRUNCATE's flush arrives; v4 (committed before v5) follows it
+    assert cache.apply("USDEUR", 4, "v4") is False
+    cache.pass_barrier(1)
+    assert cache.floors == 0
 
 
 def test_negative_size_is_rejected() -> None:
@@ -176,23 +232,29 @@ KEYS = ("USDEUR", "EURGBP", "GBPJPY")
 
 class CacheAgainstDatabase(RuleBasedStateMachine):
     """A database (versions from one sequence, notifications in commit order), a listener
-    that can disconnect, and reads whose snapshot is taken at some point after they begin."""
+    that can disconnect, and every step that can interleave as its own rule: a read begins,
+    takes its snapshot, finishes; an own write is sent, commits, returns; a TRUNCATE commits
+    and its flush waits in the stream; heartbeats are sent and come back. The cache is smaller
+    than the key set (evictions all the time) and so is its floor cap."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.cache = RateCache(1)  # smaller than KEYS: evictions happen all the time
+        self.cache = RateCache(1, floor_cap=2)
         self.cache.enable()
         self.connected = True
         self.version = 0
         self.db: dict[str, tuple[int, str | None]] = {}
         self.history: dict[tuple[str, int], str | None] = {}
-        self.queue: list[tuple[str, int, str | None]] = []  # key "hb" carries a heartbeat
+        # the notification stream: (key, version, value); "hb" carries a heartbeat number,
+        # "flush" a TRUNCATE
+        self.queue: list[tuple[str, int, str | None]] = []
         self.heartbeats_sent = 0
-        self.applied_max: dict[str, int] = {}  # highest version applied since the last flush
+        self.applied_max: dict[str, int] = {}  # newest version the stream has applied
         self.reads: list[dict] = []
+        self.writes: list[dict] = []
         # key -> (version the cache gave a negative fill, DB version the read observed)
         self.negative_fills: dict[str, tuple[int, int]] = {}
-        self.served_max: dict[str, int] = {}  # newest state served since the last flush
+        self.served_max: dict[str, int] = {}  # newest state served or told to a client
 
     # -- the database ---------------------------------------------------------------
     def _commit(self, key: str, value: str | None) -> int:
@@ -203,24 +265,27 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
             self.queue.append((key, self.version, value))
         return self.version
 
-    def _apply(self, key: str, version: int, value: str | None, own: bool = False) -> None:
-        self.cache.apply(key, version, value, own_write=own)
-        if self.cache.enabled:
-            self.applied_max[key] = max(self.applied_max.get(key, 0), version)
+    def _told(self, key: str, version: int) -> None:
+        self.served_max[key] = max(self.served_max.get(key, 0), version)
 
     @rule(key=st.sampled_from(KEYS), value=st.text("xyz", min_size=1, max_size=2))
     def write_elsewhere(self, key: str, value: str) -> None:
         self._commit(key, value)
 
-    @rule(key=st.sampled_from(KEYS), value=st.text("xyz", min_size=1, max_size=2))
-    def own_write(self, key: str, value: str) -> None:
-        version = self._commit(key, value)
-        self._apply(key, version, value, own=True)  # read-your-own-writes, ahead of its NOTIFY
-
     @rule(key=st.sampled_from(KEYS))
-    def delete(self, key: str) -> None:
+    def delete_elsewhere(self, key: str) -> None:
         if key in self.db and self.db[key][1] is not None:
             self._commit(key, None)
+
+    @rule()
+    def truncate(self) -> None:
+        """TRUNCATE: every key is gone at once; the flush is queued in the stream."""
+        self.version += 1
+        for key in KEYS:
+            self.db[key] = (self.version, None)
+            self.history[(key, self.version)] = None
+        if self.connected:
+            self.queue.append(("flush", self.version, None))
 
     @precondition(lambda self: self.queue)
     @rule()
@@ -228,14 +293,61 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
         key, version, value = self.queue.pop(0)
         if key == "hb":
             self.cache.pass_barrier(version)
+        elif key == "flush":
+            self.cache.flush()
+            for k in KEYS:
+                self.applied_max[k] = version
         else:
-            self._apply(key, version, value)
+            self.cache.apply(key, version, value)
+            if self.cache.enabled:
+                self.applied_max[key] = max(self.applied_max.get(key, 0), version)
 
     @rule()
     def send_heartbeat(self) -> None:
         self.heartbeats_sent += 1
         if self.connected:
             self.queue.append(("hb", self.heartbeats_sent, None))
+
+    # -- own writes: sent, committed, returned ----------------------------------------
+    @rule(key=st.sampled_from(KEYS), value=st.one_of(st.none(), st.text("xyz", min_size=1,
+                                                                          max_size=2)))
+    def write_sent(self, key: str, value: str | None) -> None:
+        self.writes.append({"token": self.cache.begin_fill(key), "value": value,
+                            "version": None})
+
+    @precondition(lambda self: any(w["version"] is None for w in self.writes))
+    @rule(pick=st.integers(0, 3))
+    def write_commits(self, pick: int) -> None:
+        pending = [w for w in self.writes if w["version"] is None]
+        write = pending[pick % len(pending)]
+        key = write["token"].key
+        if write["value"] is None and self.db.get(key, (0, None))[1] is None:
+            self.writes.remove(write)  # a DELETE of an absent pair: 404, nothing committed
+            self.cache.cancel_fill(write["token"])
+            return
+        write["version"] = self._commit(key, write["value"])
+
+    @precondition(lambda self: any(w["version"] is not None for w in self.writes))
+    @rule(pick=st.integers(0, 3))
+    def write_returns(self, pick: int) -> None:
+        done = [w for w in self.writes if w["version"] is not None]
+        write = done[pick % len(done)]
+        self.writes.remove(write)
+        self._return(write)
+
+    def _return(self, write: dict) -> None:
+        self.cache.finish_write(write["token"], write["version"], write["value"],
+                                barrier=self.heartbeats_sent + 1)
+        if self.cache.enabled:
+            self._told(write["token"].key, write["version"])  # the client saw it
+
+    @precondition(lambda self: any(w["version"] is None for w in self.writes))
+    @rule(pick=st.integers(0, 3))
+    def write_fails(self, pick: int) -> None:
+        pending = [w for w in self.writes if w["version"] is None]
+        write = pending[pick % len(pending)]
+        self.writes.remove(write)
+        self.cache.cancel_fill(write["token"])
 
     # -- the listener -----------------------------------------------------------------
     @precondition(lambda self: self.connected)
@@ -244,22 +356,12 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
         self.connected = False
         self.queue.clear()  # whatever was not delivered is lost
         self.cache.disable()
-        self.applied_max.clear()
-        self.served_max.clear()
 
     @precondition(lambda self: not self.connected)
     @rule()
     def reconnect(self) -> None:
         self.connected = True
         self.cache.enable()
-        self.applied_max.clear()
-        self.served_max.clear()
-
-    @rule()
-    def flush(self) -> None:
-        self.cache.flush()
-        self.applied_max.clear()
-        self.served_max.clear()
 
     # -- reads --------------------------------------------------------------------------
     @rule(key=st.sampled_from(KEYS))
@@ -280,12 +382,11 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
         else:
             self.reads.remove(read)
             version, value = read["snapshot"]
-            if value is None:  # negative: cached when the next heartbeat comes back
-                self.cache.finish_fill(read["token"], version, value,
-                                       barrier=self.heartbeats_sent + 1)
+            # both kinds are guarded by the next heartbeat, as model.Store does
+            self.cache.finish_fill(read["token"], version, value,
+                                   barrier=self.heartbeats_sent + 1)
+            if value is None:
                 self.negative_fills[key] = (ABSENT_VERSION, read["observed"])
-            else:
-                self.cache.finish_fill(read["token"], version, value)
 
     @precondition(lambda self: self.reads)
     @rule(pick=st.integers(0, 3))
@@ -310,9 +411,9 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
             if entry.value is None and self.negative_fills.get(key, (None,))[0] == entry.version:
                 observed = max(entry.version, self.negative_fills[key][1])
             assert observed >= self.applied_max.get(key, 0), (key, entry)
-            # monotonic reads: never a state older than one already served
-            assert observed >= self.served_max.get(key, 0), (key, entry)
-            self.served_max[key] = observed
+            # monotonic reads: never a state older than one already served or written
+            assert observed >= self.served_max.get(key, 0), (key, entry, self.served_max)
+            self._told(key, observed)
             if entry.value is not None:
                 # a state the database really had
                 assert self.history[(key, entry.version)] == entry.value
@@ -320,6 +421,12 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
     def teardown(self) -> None:
         # Convergence: once writes stop and every notification is delivered, every
         # cached entry equals the database.
+        for write in list(self.writes):
+            self.writes.remove(write)
+            if write["version"] is None:
+                self.cache.cancel_fill(write["token"])
+            else:
+                self._return(write)
         if not self.connected:
             self.reconnect()
         self.send_heartbeat()
@@ -340,7 +447,7 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
 
 
 CacheAgainstDatabase.TestCase.settings = settings(
-    max_examples=1000, stateful_step_count=50, deadline=None,
+    max_examples=2000, stateful_step_count=50, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_cache_against_database = CacheAgainstDatabase.TestCase

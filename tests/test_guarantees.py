@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -77,8 +78,8 @@ class GatedStore(model.Store):
         self.read_done = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def _read_rate(self, base: str, quote: str):
-        rate = await super()._read_rate(base, quote)
+    async def read_rate(self, base: str, quote: str):
+        rate = await super().read_rate(base, quote)
         if base == "USD":
             self.read_done.set()
             await self.gate.wait()
@@ -345,15 +346,17 @@ async def _equals(awaitable, expected) -> bool:
 
 
 async def test_heartbeat_is_end_to_end_through_the_pool(db_url, sql, start_api) -> None:
-    await start_api(db_url)
+    api = await start_api(db_url)
     db = _db_name(db_url)
+    # Each instance heartbeats on its own channel (it logs which): watch it from outside.
+    [channel] = re.findall(r"heartbeat_channel=(xrates_hb_[0-9a-f]+)", api.log())
     heartbeats: asyncio.Queue = asyncio.Queue()
     watcher = await asyncpg.connect(db_url)
-    await watcher.add_listener(model.CHANNEL, lambda _c, pid, _ch, payload: heartbeats.put_nowait(
-        (pid, payload)) if '"op":"hb"' in payload else None)
+    await watcher.add_listener(channel, lambda _c, pid, _ch, payload: heartbeats.put_nowait(
+        (pid, payload)))
     try:
         sender, payload = await asyncio.wait_for(heartbeats.get(), 5)
-        assert json.loads(payload)["op"] == "hb"
+        assert set(json.loads(payload)) == {"n", "t"}
         name = await sql.fetchval("SELECT application_name FROM pg_stat_activity "
                                   "WHERE pid = $1 AND datname = $2", sender, db)
         assert name == "xrates-api"  # sent through the pool, received by the listener

@@ -72,8 +72,6 @@ async def _cached_version(store: model.Store, key: str) -> int | None:
 
 
 @pytest.mark.parametrize("newer", ["update", "delete", "truncate", "reconnect"])
-@pytest.mark.xfail(strict=True, reason="fails on this commit: the race is not closed yet")
-@pytest.mark.xfail(strict=True, reason="fails on this commit: the race is not closed yet")
 async def test_a_late_own_write_never_replaces_a_newer_state(store, db_url, sql, pg, newer) -> None:
     """Race 1: the write commits, then (before the handler applies it to its own cache) a newer
     change arrives and its entry is evicted; the late own write must not bring back the older
@@ -126,7 +124,6 @@ async def test_a_late_own_write_never_replaces_a_newer_state(store, db_url, sql,
         assert (served.rate, served.version) == (row["rate"], row["version"])
 
 
-@pytest.mark.xfail(strict=True, reason="fails on this commit: the race is not closed yet")
 async def test_a_pool_connection_is_returned_without_a_reset_round_trip(store, db_url, sql) -> None:
     """Race 5: pool connections never LISTEN, SET or hold session locks, so releasing one
     must not cost a reset query (a round trip on every miss, write and heartbeat)."""

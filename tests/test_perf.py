@@ -15,7 +15,6 @@ import pytest
 from conftest import ROOT
 
 import perf
-from cache import ABSENT_VERSION
 
 PROBE = logging.getLogger("test_perf.elapsed")  # propagates to caplog (xrates.* may not)
 
@@ -224,71 +223,6 @@ def test_rate_response_sends_the_header_lines_sanic_would() -> None:
                          timeout=60, env=_env())
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.splitlines()[-1]) == [[True, True, 200]] * 3
-
-
-def _payload(first: int, count: int, version: int) -> str:
-    codes = perf.pair_keys(first + count)[first:]
-    rows = [[b + q, version + i, "1.5", "demo", "2026-11-21T16:00:00+00:00",
-             "2026-11-21T16:00:01+00:00"] for i, (b, q) in enumerate(codes)]
-    return json.dumps({"op": "u", "rows": rows})
-
-
-def _store():
-    import model
-    import util
-
-    store = model.Store(util.load_settings({"XRATES_CACHE_SIZE": "5000"}))
-    store.cache.enable()
-    return store
-
-
-async def _drained(store) -> None:
-    for _ in range(1000):
-        if not store._backlog and not store._drain_scheduled:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the backlog never drained")
-
-
-async def test_a_burst_of_notifications_is_applied_in_slices_in_order() -> None:
-    import model
-
-    store = _store()
-    for chunk in range(25):  # as asyncpg hands them over: all in one event-loop iteration
-        store.apply_payload(_payload(chunk * 40, 40, 1000 + chunk * 40))
-    assert 0 < store.notifications_applied <= model.SLICE_ROWS + 40  # the rest waits its turn
-    await _drained(store)
-    assert store.notifications_applied == 1000
-    key = "".join(perf.pair_keys(1000)[999])
-    assert store.cache.lookup(key).version == 1999
-
-
-async def test_a_heartbeat_barrier_waits_behind_the_burst_that_arrived_before_it() -> None:
-    # A negative result waiting for heartbeat 1 must not be cached while a change of its key
-    # that arrived before the heartbeat is still in the backlog.
-    store = _store()
-    pairs = perf.pair_keys(1000)
-    absent = "".join(pairs[990])  # changed by the last payload of the burst
-    token = store.cache.begin_fill(absent)
-    store.cache.finish_fill(token, ABSENT_VERSION, None, barrier=1)
-    for chunk in range(25):
-        store.apply_payload(_payload(chunk * 40, 40, 5000 + chunk * 40))
-    store._heartbeat_arrived(1)
-    assert store.cache.lookup(absent) is None  # not a (stale) negative entry
-    await _drained(store)
-    assert store.cache.lookup(absent).value is not None  # the change, not the 404
-
-
-async def test_a_listener_outage_drops_the_backlog() -> None:
-    store = _store()
-    for chunk in range(25):
-        store.apply_payload(_payload(chunk * 40, 40, 9000 + chunk * 40))
-    applied = store.notifications_applied
-    store._listener_down("test")
-    await _drained(store)
-    assert store.notifications_applied == applied  # nothing from before the gap is applied
-    store.cache.enable()
-    assert len(store.cache) == 0
 
 
 def test_request_latency_counted_in_bulk_equals_observing_each_request() -> None:
