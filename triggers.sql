@@ -168,14 +168,17 @@ BEGIN
         WITH r AS (
             UPDATE rate t SET version = t.version
             FROM changed_rows c JOIN rate_floor f ON f.base = c.base AND f.quote = c.quote
-            WHERE t.base = c.base AND t.quote = c.quote AND f.version > c.version
+            WHERE t.base = c.base AND t.quote = c.quote AND t.version = c.version
+              AND f.version > c.version
             RETURNING t.base || t.quote AS key)
         SELECT array_agg(key) INTO redrawn FROM r;
         DELETE FROM rate_floor f USING changed_rows c
         WHERE f.base = c.base AND f.quote = c.quote;
     ELSE  -- a floor committed after our snapshot is invisible: re-draw every row
+        -- (t.version = c.version: only our own row; our snapshot may still show the key's
+        -- deleted row, and touching that one would be a serialization failure)
         UPDATE rate t SET version = t.version FROM changed_rows c
-        WHERE t.base = c.base AND t.quote = c.quote;
+        WHERE t.base = c.base AND t.quote = c.quote AND t.version = c.version;
         RETURN NULL;
     END IF;
     SELECT array_agg(json_build_array(base || quote, version, rate::text, source, as_of,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 from conftest import wait_for
 
 import model
@@ -149,7 +150,8 @@ async def table_rows(sql: asyncpg.Connection, table: str = "rate") -> list[async
 
 
 # --------------------------------------------------------------------------- one deadlock, step by step
-async def delete_reinsert_against_upsert(db_url: str, sql: asyncpg.Connection) -> None:
+async def delete_reinsert_against_upsert(db_url: str, sql: asyncpg.Connection,
+                                         isolation: str = "read committed") -> None:
     """A: BEGIN; DELETE k; INSERT k. B: INSERT k ... ON CONFLICT DO UPDATE (waits on A, with
     a version drawn now). A: DELETE k (a tombstone above B's draw); COMMIT. No deadlock, and
     B's row commits with a version above that tombstone, which its notification carries."""
@@ -162,6 +164,8 @@ async def delete_reinsert_against_upsert(db_url: str, sql: asyncpg.Connection) -
             tx = a.transaction()
             await tx.start()
             await a.execute("DELETE FROM rate WHERE base = 'USD' AND quote = 'EUR'")
+            b_tx = b.transaction(isolation=isolation.replace(" ", "_"))
+            await b_tx.start()  # B's snapshot: taken by its upsert, before A commits
             upsert = asyncio.ensure_future(
                 b.fetchval(insert_sql("rate", conflict=UPSERT) + " RETURNING version",
                            "USD", "EUR", "3.0", now))
@@ -170,6 +174,7 @@ async def delete_reinsert_against_upsert(db_url: str, sql: asyncpg.Connection) -
             tombstone = await a.fetchval("SELECT rate_delete('USD', 'EUR')")
             await tx.commit()
             drawn = await asyncio.wait_for(upsert, 10)
+            await b_tx.commit()
             # B drew before the tombstone (RETURNING shows that first draw): its row was re-drawn.
             assert drawn < tombstone
         finally:
@@ -185,8 +190,11 @@ async def delete_reinsert_against_upsert(db_url: str, sql: asyncpg.Connection) -
     check_order_and_final(rows, await table_rows(sql), only_notified=True)
 
 
-async def test_delete_and_reinsert_in_one_transaction_against_an_upsert(db_url, sql) -> None:
-    await delete_reinsert_against_upsert(db_url, sql)
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read", "serializable"])
+async def test_delete_and_reinsert_in_one_transaction_against_an_upsert(db_url, sql,
+                                                                        isolation) -> None:
+    # REPEATABLE READ and SERIALIZABLE: B cannot see A's floor (committed after B's snapshot).
+    await delete_reinsert_against_upsert(db_url, sql, isolation)
 
 
 # --------------------------------------------------------------------------- the stress test
