@@ -326,6 +326,35 @@ async def test_mixed_transaction_shapes_never_deadlock(db_url, sql) -> None:
     assert not load.errors, summary + "\n" + "\n".join(load.errors[:10])
     assert all(load.shapes[name] > 0 for name in _shapes("rate")), summary
     check_order_and_final(rows, await table_rows(sql))
+    # Retention: a floor lives only until its key's next insert, so no live key has one.
+    assert await sql.fetchval("SELECT count(*) FROM rate_floor JOIN rate USING (base, quote)") == 0
+    assert await sql.fetchval("SELECT count(*) FROM rate_floor") <= len(KEYS)
+
+
+async def test_a_floor_lives_until_its_keys_next_insert(db_url, sql) -> None:
+    now = datetime.now(UTC)
+
+    async def floors() -> dict[str, int]:
+        return {r["key"]: r["version"] for r in await sql.fetch(
+            "SELECT base || quote AS key, version FROM rate_floor")}
+
+    await sql.execute(insert_sql("rate", 3), *[v for k in KEYS for v in (*k, "1.5", now)])
+    tombstone = await sql.fetchval("SELECT rate_delete('USD', 'EUR')")
+    assert await floors() == {"USDEUR": tombstone}
+    await sql.execute("DELETE FROM rate WHERE base = 'USD' AND quote = 'GBP'")
+    assert set(await floors()) == {"USDEUR", "USDGBP"}
+    kept = await floors()
+    tx = sql.transaction()  # an insert that rolls back takes the floor's drop back with it
+    await tx.start()
+    await sql.execute(insert_sql("rate"), "USD", "EUR", "2", now)
+    assert set(await floors()) == {"USDGBP"}
+    await tx.rollback()
+    assert await floors() == kept
+    await sql.copy_records_to_table("rate", columns=COLUMNS,
+                                    records=[("USD", "EUR", Decimal(2), "manual", now)])
+    assert set(await floors()) == {"USDGBP"}
+    await sql.execute(insert_sql("rate", conflict=UPSERT), "USD", "GBP", "3", now)
+    assert await floors() == {}
 
 
 async def test_api_instances_converge_during_the_sql_load(db_url, sql, start_api) -> None:
@@ -376,8 +405,8 @@ def code(n: int) -> str:
 
 
 async def test_big_inserts_and_copy_on_a_server_with_default_lock_settings(tmp_path: Path) -> None:
-    """No per-row advisory locks: 20,000 rows in one INSERT ... SELECT and in one COPY fit
-    the stock lock table (max_connections=100, max_locks_per_transaction=64)."""
+    """No per-row advisory locks: 20,000 rows in one INSERT ... SELECT, one COPY and one DELETE
+    fit the stock lock table (max_connections=100, max_locks_per_transaction=64)."""
     server = util.EmbeddedPostgres(tmp_path / "stock", durable=False, max_connections=None)
     url = server.start()
     try:
@@ -386,19 +415,26 @@ async def test_big_inserts_and_copy_on_a_server_with_default_lock_settings(tmp_p
             await util.apply_schema(conn)
             assert await conn.fetchval("SHOW max_locks_per_transaction") == "64"
             async with listening(url) as (stream, _):
-                await conn.execute(
+                insert_select = (
                     "INSERT INTO rate (base, quote, rate, source, as_of) "
                     "SELECT chr(65 + i % 10000 / 676) || chr(65 + i % 676 / 26) || chr(65 + i % 26), "
                     "CASE WHEN i < 10000 THEN 'ZZA' ELSE 'ZZB' END, 1 + i / 1000.0, 'manual', now() "
                     "FROM generate_series(0, 19999) i")
+                await conn.execute(insert_select)
                 await conn.copy_records_to_table("rate", columns=COLUMNS, records=[
                     (code(i % 10000), "ZZC" if i < 10000 else "ZZD", Decimal(i + 1), "manual",
                      datetime.now(UTC)) for i in range(20000)])
                 assert await conn.fetchval("SELECT count(*) FROM rate") == 40000
+                # 20,000 deletes write 20,000 floors (row locks live in the rows, not in the
+                # lock table); inserting the keys again drops them.
+                await conn.execute("DELETE FROM rate WHERE quote IN ('ZZA', 'ZZB')")
+                assert await conn.fetchval("SELECT count(*) FROM rate_floor") == 20000
+                await conn.execute(insert_select)
+                assert await conn.fetchval("SELECT count(*) FROM rate_floor") == 0
                 await caught_up(stream, conn)
                 stream.check_payloads()
                 rows = stream.rows()
-                assert len(rows) == 40000
+                assert len(rows) == 80000
                 check_order_and_final(rows, await table_rows(conn))
         finally:
             await conn.close()
