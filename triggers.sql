@@ -43,11 +43,17 @@ CREATE TABLE IF NOT EXISTS rate (
 --     trigger draws again), which puts it above the tombstone.
 -- Locks, in the one order every statement of every transaction shape follows:
 --   rate row / unique-index entry of a key  ->  rate_floor row of the same key.
--- A deleter takes the floor row right after the rate row it deletes; an inserter touches the
--- floor only after its unique check passed. Nobody waits for a rate row while holding a floor
--- row, so our triggers add no wait cycle: any deadlock left is one the same statements hit
--- on a plain table (e.g. two transactions taking two keys in opposite orders). No advisory
--- locks: a 20,000-row INSERT or COPY needs no lock-table entry per row.
+-- A floor row is taken only by a transaction that owns its key at that moment: a deleter
+-- right after locking the key's row, an inserter after its unique check passed (its own
+-- uncommitted row is then the key's only one). Two transactions cannot own one key at once,
+-- so a floor-row lock never waits, and our triggers add no wait cycle: any deadlock left is
+-- one the same statements hit on a plain table (e.g. two transactions taking two keys in
+-- opposite orders). No advisory locks: a 20,000-row INSERT or COPY needs no lock-table entry
+-- per row (row locks live in the rows).
+--
+-- Caveat for callers: INSERT ... RETURNING is computed before the statement's AFTER trigger,
+-- so for a re-drawn row it shows the first draw. A writer that needs the final version (an
+-- API's own cache entry, X-Xrates-Version) reads the row again in the same transaction.
 --
 -- Retention: a floor is needed only while an INSERT of its key could still carry a version
 -- drawn before the tombstone, i.e. until the key's next successful insert. The INSERT
@@ -62,7 +68,10 @@ CREATE TABLE IF NOT EXISTS rate (
 --
 -- REPEATABLE READ / SERIALIZABLE inserters cannot see a floor committed after their snapshot
 -- (their INSERT still succeeds once the deleter committed), so they re-draw every row they
--- insert: always above any tombstone, at the cost of one UPDATE per row.
+-- insert: always above any tombstone, at the cost of one UPDATE per row. They leave the
+-- floors in place (deleting a floor their snapshot cannot see would be a serialization
+-- failure the same INSERT never hits on a plain table); the next READ COMMITTED insert of
+-- the key drops it.
 CREATE TABLE IF NOT EXISTS rate_floor (
     base    char(3) NOT NULL,
     quote   char(3) NOT NULL,
