@@ -279,10 +279,12 @@ class EmbeddedPostgres:
     unprivileged user ``pgserver``, which PostgreSQL requires.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True):
+    def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True,
+                 max_connections: int | None = 300):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.durable = durable
+        self.max_connections = max_connections  # None: PostgreSQL's default (and lock table)
         with warnings.catch_warnings():  # pgserver warns about XDG_RUNTIME_DIR on import
             warnings.simplefilter("ignore")
             from pgserver._commands import POSTGRES_BIN_PATH
@@ -341,7 +343,8 @@ class EmbeddedPostgres:
         if self.port is None:
             self.port = free_port()
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
-        options += " -c max_connections=300"
+        if self.max_connections is not None:
+            options += f" -c max_connections={self.max_connections}"
         if not self.durable:  # tests: the data is thrown away, speed matters
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-o", options,
