@@ -385,9 +385,12 @@ def _csv_table(payload: bytes, feed: str) -> list[list[str]]:
     if not text.endswith("\n"):
         raise SourceError(f"{feed}: CSV payload is truncated (no final newline)")
     try:
-        return [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+        rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
     except csv.Error as exc:
         raise SourceError(f"{feed}: payload is not CSV ({exc})") from None
+    if not rows:
+        raise SourceError(f"{feed}: CSV payload has no rows")
+    return rows
 
 
 def _columns(header: Sequence[str], required: Sequence[str], feed: str) -> dict[str, int]:
@@ -807,6 +810,9 @@ parse_mnb = _single("mnb", _mnb_rows)
 # --------------------------------------------------------------------------- Norges Bank
 
 
+_SMALL_INT_RE = re.compile(r"[0-9]{1,2}")
+
+
 def _nb_rows(payload: bytes) -> list[Quote | None]:
     """Norges Bank SDMX csvdata: X -> NOK, OBS_VALUE per 10^UNIT_MULT units of BASE_CUR.
 
@@ -820,10 +826,10 @@ def _nb_rows(payload: bytes) -> list[Quote | None]:
         _check_width(row, len(header), "nb", f"row {number}")
         day = _iso_day(row[cols["TIME_PERIOD"]])
         multiplier = row[cols["UNIT_MULT"]].strip()
-        if day is None or row[cols["QUOTE_CUR"]].strip() != "NOK" or not multiplier.isdigit():
+        if day is None or row[cols["QUOTE_CUR"]].strip() != "NOK" or not _SMALL_INT_RE.fullmatch(multiplier):
             candidates.append(None)
             continue
-        units = Decimal(10) ** int(multiplier[:2])
+        units = Decimal(10) ** int(multiplier)
         rate = _per_unit(_decimal(row[cols["OBS_VALUE"]]), units)
         candidates.append(_make_quote(row[cols["BASE_CUR"]], "NOK", rate, _midnight(day)))
     return candidates
@@ -940,9 +946,9 @@ def parse_nbrb_payloads(payloads: Sequence[bytes]) -> list[Quote]:
             raise SourceError("nbrb: expected a JSON list of rate objects")
         for row in data:
             scale = _decimal(row.get("Cur_Scale"))
-            if isinstance(row.get("Cur_ID"), int) and isinstance(row.get("Cur_Abbreviation"), str) \
-                    and scale is not None:
-                names[row["Cur_ID"]] = (row["Cur_Abbreviation"], scale)
+            cur_id, code = row.get("Cur_ID"), row.get("Cur_Abbreviation")
+            if isinstance(cur_id, int) and isinstance(code, str) and scale is not None:
+                names[cur_id] = (code, scale)
     if not names and any(documents):
         raise SourceError("nbrb: no rates?periodicity=0 list among the payloads, and dynamics "
                           "rows name no currency")
@@ -952,7 +958,8 @@ def parse_nbrb_payloads(payloads: Sequence[bytes]) -> list[Quote]:
             day = _timestamp_day(row.get("Date"))
             if "Cur_OfficialRate" not in row or "Cur_ID" not in row:
                 raise SourceError(f"nbrb: rate object with keys {sorted(row)[:6]}")
-            code, scale = names.get(row["Cur_ID"], (None, None))
+            cur_id = row["Cur_ID"]
+            code, scale = names.get(cur_id, (None, None)) if isinstance(cur_id, int) else (None, None)
             rate = _per_unit(_decimal(row.get("Cur_OfficialRate")), scale)
             candidates.append(_make_quote(code, "BYN", rate, _midnight(day)) if day else None)
     return _finish("nbrb", _drop_stale("nbrb", candidates))
@@ -1123,13 +1130,17 @@ def _each_day(today: date, days: int, *, weekdays_only: bool = False) -> list[da
     return [day for day in every if not weekdays_only or day.weekday() < 5]
 
 
-def _chunks(today: date, days: int, size: int) -> list[tuple[date, date]]:
-    """Windows of `size` days ending today that cover `days` days (newest first)."""
-    count = -(-max(days, 1) // size)
-    return [
-        (today - timedelta(days=size * (i + 1) - 1), today - timedelta(days=size * i))
-        for i in range(count)
-    ]
+def _chunks(today: date, days: int, size: int, min_days: int = 1) -> list[tuple[date, date]]:
+    """Windows of at most `size` days ending today that cover `days` days (newest first);
+    the oldest reaches back far enough to span at least `min_days`."""
+    start, _ = _window(today, days)
+    windows = []
+    end = today
+    while end >= start:
+        first = max(start, end - timedelta(days=size - 1))
+        windows.append((min(first, end - timedelta(days=min_days - 1)), end))
+        end = first - timedelta(days=1)
+    return windows
 
 
 def _get(url: str) -> list[Request]:
@@ -1208,7 +1219,9 @@ def _nbp_daily(today: date) -> list[Request]:
 
 def _nbp_history(today: date, days: int) -> list[Request]:
     # NBP serves at most 93 days per request (and 404 for a range without a table).
-    return [request for start, end in _chunks(today, days, 93) for request in _nbp_range(start, end)]
+    # A short oldest window could hold no table (404): it spans two weeks at least.
+    return [request for start, end in _chunks(today, days, 93, min_days=14)
+            for request in _nbp_range(start, end)]
 
 
 CNB_URL = "https://api.cnb.cz/cnbapi/exrates/daily-year"
