@@ -91,10 +91,13 @@ def outranking_sources(source: str, configured: Sequence[str]) -> list[str]:
 
 
 def dedupe(quotes: Sequence[sources.Quote]) -> list[sources.Quote]:
-    """One quote per pair (the first wins), sorted by pair so writers lock keys in one order."""
+    """One quote per pair for the current table: the newest as_of (of equals, the first),
+    sorted by pair so writers lock keys in one order. Parsers return every day of a payload."""
     kept: dict[tuple[str, str], sources.Quote] = {}
     for quote in quotes:
-        kept.setdefault((quote.base, quote.quote), quote)
+        key = (quote.base, quote.quote)
+        if key not in kept or quote.as_of > kept[key].as_of:
+            kept[key] = quote
     return [kept[key] for key in sorted(kept)]
 
 
@@ -468,10 +471,10 @@ class Updater:
             raise sources.SourceError(f"unknown source {name!r}")
         if self.client is None:
             self.client = sources.make_client()
-        url = settings.source_urls.get(name) or feed.default_url
-        payload = await sources.fetch(self.client, url, timeout_s=settings.fetch_timeout_s,
-                                      attempts=settings.fetch_attempts)
-        return feed.parse(payload)
+        return await sources.fetch_quotes(
+            feed, self.client, today=datetime.now(UTC).date(),
+            url_override=settings.source_urls.get(name),
+            timeout_s=settings.fetch_timeout_s, attempts=settings.fetch_attempts)
 
     async def _write(self, conn: asyncpg.Connection, name: str,
                      quotes: Sequence[sources.Quote]) -> int:

@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -62,82 +62,159 @@ def assert_valid(quote: Quote) -> None:
     assert quote.as_of.tzinfo is not None and quote.as_of.utcoffset() == timedelta(0), quote
 
 
-# Every recorded payload that is a valid feed: (feed, file, expected count, expected as_of).
+# Every recorded payload that is a valid feed on its own:
+# (feed, file, quotes, distinct days, newest as_of). Parsers return every day of a payload.
 VALID_FIXTURES = [
-    ("ecb", "ecb/eurofxref-daily_2017-03-08.xml", 31, midnight(2017, 3, 8)),
-    ("ecb", "ecb/eurofxref-daily_2022-07-08.xml", 31, midnight(2022, 7, 8)),
-    ("ecb", "ecb/eurofxref-daily_2024-02-27.xml", 30, midnight(2024, 2, 27)),
-    ("ecb", "ecb/eurofxref-hist-90d_2023-12-01_to_2024-02-27.xml", 30, midnight(2024, 2, 27)),
-    ("nbu", "nbu/statdirectory_exchange_2026-09-25.json", 45, midnight(2026, 9, 25)),
-    ("nbu", "nbu/statdirectory_exchange_valcode-USD_2025-05-06.json", 1, midnight(2025, 5, 6)),
-    ("nbu", "nbu/exchange_site_2026-03-01_to_2026-03-16_vcr.json", 45, midnight(2026, 3, 16)),
-    ("nbu", "nbu/statdirectory_exchange_2019-02-18_xml-variant.xml", 61, midnight(2019, 2, 18)),
-    ("cbr", "cbr/XML_daily_2022-03-15.xml", 34, midnight(2022, 3, 15)),
-    ("cbr", "cbr/XML_daily_2024-03-28_vunitrate.xml", 43, midnight(2024, 3, 28)),
-    ("cbr", "cbr/XML_daily_2026-04-25_saturday_vcr.xml", 54, midnight(2026, 4, 25)),
-    ("privatbank", "privatbank/pubinfo_coursid5_committed-2018-04-23.json", 3, None),
-    ("privatbank", "privatbank/pubinfo_coursid3_committed-2019-07-25.json", 3, None),
-    ("privatbank", "privatbank/pubinfo_coursid5-probable_committed-2024-04-01.json", 2, None),
-    ("boc", "boc/FX_RATES_DAILY_start-2026-03-12_vcr.json", 23, midnight(2026, 3, 18)),
-    (
-        "boc",
-        "boc/EDGE_FX_RATES_DAILY_recent-1_stale-2019-series_vcr.json",
-        23,
-        midnight(2026, 3, 13),
-    ),
+    ("ecb", "ecb/eurofxref-daily_2017-03-08.xml", 31, 1, midnight(2017, 3, 8)),
+    ("ecb", "ecb/eurofxref-daily_2022-07-08.xml", 31, 1, midnight(2022, 7, 8)),
+    ("ecb", "ecb/eurofxref-daily_2024-02-27.xml", 30, 1, midnight(2024, 2, 27)),
+    ("ecb", "ecb/eurofxref-hist-90d_2023-12-01_to_2024-02-27.xml", 1830, 61, midnight(2024, 2, 27)),
+    ("nbu", "nbu/statdirectory_exchange_2026-09-25.json", 45, 1, midnight(2026, 9, 25)),
+    ("nbu", "nbu/statdirectory_exchange_valcode-USD_2025-05-06.json", 1, 1, midnight(2025, 5, 6)),
+    ("nbu", "nbu/exchange_site_2026-03-01_to_2026-03-16_vcr.json", 720, 16, midnight(2026, 3, 16)),
+    ("nbu", "nbu/statdirectory_exchange_2019-02-18_xml-variant.xml", 61, 1, midnight(2019, 2, 18)),
+    ("cbr", "cbr/XML_daily_2022-03-15.xml", 34, 1, midnight(2022, 3, 15)),
+    ("cbr", "cbr/XML_daily_2024-03-28_vunitrate.xml", 43, 1, midnight(2024, 3, 28)),
+    ("cbr", "cbr/XML_daily_2026-04-25_saturday_vcr.xml", 54, 1, midnight(2026, 4, 25)),
+    ("privatbank", "privatbank/pubinfo_coursid5_committed-2018-04-23.json", 3, 1, None),
+    ("privatbank", "privatbank/pubinfo_coursid3_committed-2019-07-25.json", 3, 1, None),
+    ("privatbank", "privatbank/pubinfo_coursid5-probable_committed-2024-04-01.json", 2, 1, None),
+    ("boc", "boc/FX_RATES_DAILY_start-2026-03-12_vcr.json", 115, 5, midnight(2026, 3, 18)),
+    ("boc", "boc/EDGE_FX_RATES_DAILY_recent-1_stale-2019-series_vcr.json", 23, 1,
+     midnight(2026, 3, 13)),
+    # 171 country rows: 4 N.A. (BYN, IRR, KPW, RUB) and repeats (XCD, XOF, XAF, ...) -> 150.
+    *(("bdi", f"bdi/dailyRates_currencyIsoCode-EUR_2026-02-{d}_vcr.csv", 150, 1,
+       midnight(2026, 2, int(d))) for d in ("09", "10", "11")),
+    ("nbp", "nbp/exchangerates_tables-A_2026-03-01_to_2026-03-05_vcr.json", 128, 4,
+     midnight(2026, 3, 5)),
+    ("nbp", "nbp/exchangerates_tables-B_2026-03-01_to_2026-03-05_vcr.json", 116, 1,
+     midnight(2026, 3, 4)),
+    ("nbp", "nbp/cenyzlota_gold_2026-03-01_to_2026-03-05_vcr.json", 4, 4, midnight(2026, 3, 5)),
+    ("cnb", "cnb/exrates_daily-year_2026_lang-EN_recorded-2026-04-02_vcr.json", 1950, 65,
+     midnight(2026, 4, 2)),
+    ("mnb", "mnb/GetExchangeRates_soap_2025-03-24_to_2025-03-28_vcr.xml", 160, 5,
+     midnight(2025, 3, 28)),
+    # 38 series x 7 days, without the indices I44 and TWI.
+    ("nb", "nb/EXR_B-NOK-SP_csvdata_2026-03-16_to_2026-03-24_vcr.csv", 252, 7,
+     midnight(2026, 3, 24)),
+    ("rba", "rba/f11.1-data_publication-2026-03-20_vcr.csv", 14896, 808, midnight(2026, 3, 20)),
+    ("nbg", "nbg/currencies_date-2026-03-02_vcr.json", 42, 1, midnight(2026, 2, 28)),
+    ("nbg", "nbg/currencies_date-2026-03-03_vcr.json", 42, 1, midnight(2026, 3, 3)),
+    ("nbg", "nbg/EDGE_currencies_date-2026-03-04_identical-to-03-03_vcr.json", 42, 1,
+     midnight(2026, 3, 3)),
+    *(("nbk", f"nbk/get_rates_fdate-0{d}.04.2026_vcr.xml", 39, 1, midnight(2026, 4, d))
+      for d in (1, 2, 3)),
+    ("nbrb", "nbrb/rates_periodicity-0_2026-03-17_vcr.json", 30, 1, midnight(2026, 3, 17)),
+    *(("sarb", f"sarb/{path.name}", 4, 4, midnight(2026, 3, 27))
+      for path in sorted((FIXTURES / "sarb").glob("*.json"))),
+    ("boe", "boe/iadb-fromshowcolumns_26-XUDL-series_2026-03-17_to_2026-03-20_vcr.csv", 104, 4,
+     midnight(2026, 3, 20)),
+    # 17 currencies x 4 days; XDR is null on the newest day, so the whole series goes.
+    ("hkma", "hkma/er-eeri-daily_end_of_day_2026-02-25_to_2026-02-28_vcr.json", 68, 4,
+     midnight(2026, 2, 28)),
 ]
+
+# NBRB dynamics files name no currency: they parse only beside the periodicity=0 list.
+NBRB_DYNAMICS = sorted(f"nbrb/{path.name}" for path in (FIXTURES / "nbrb").glob("rates_dynamics_*"))
 
 # Recorded error bodies served with HTTP 200: (feed, file, words the message must quote).
 ERROR_FIXTURES = [
     ("nbu", "nbu/EDGE_xml_error_wrong_parameters_format.xml", "Wrong parameters format"),
     ("nbu", "nbu/EDGE_html_redirect_page_mistyped_path.html", "nbu"),
     ("cbr", "cbr/EDGE_error_in_parameters.xml", "Error in parameters"),
+    *(("nbrb", name, "periodicity=0") for name in NBRB_DYNAMICS),
 ]
 
 
 # --------------------------------------------------------------------------- registry
 
+NEW_SOURCES = ("bdi", "nbp", "cnb", "mnb", "nb", "rba", "nbg", "nbk", "nbrb", "sarb", "boe", "hkma")
+
 
 def test_registry_names_and_urls() -> None:
-    assert sources.SOURCE_NAMES == ("demo", "ecb", "nbu", "cbr", "privatbank", "boc")
+    assert sources.SOURCE_NAMES == (
+        "demo", "ecb", "nbu", "cbr", "privatbank", "boc", *NEW_SOURCES
+    )
     assert set(FEEDS) == set(sources.SOURCE_NAMES) - {"demo"}
     assert all(name == source.name for name, source in FEEDS.items())
-    assert FEEDS["ecb"].default_url == (
-        "https://www.ecb.europa.eu/stats/eurofxref/eurofxref-daily.xml"
-    )
-    assert FEEDS["nbu"].default_url == (
-        "https://bank.gov.ua/NBUStatService/v1/statdirectory/exchange?json"
-    )
-    assert FEEDS["cbr"].default_url == "https://www.cbr.ru/scripts/XML_daily.asp"
-    assert FEEDS["privatbank"].default_url == (
-        "https://api.privatbank.ua/p24api/pubinfo?exchange&coursid=5"
-    )
-    assert FEEDS["boc"].default_url == (
+    today = date(2026, 3, 18)
+    daily = {name: [r.url for r in FEEDS[name].daily_requests(today)] for name in FEEDS}
+    assert daily["ecb"] == ["https://www.ecb.europa.eu/stats/eurofxref/eurofxref-daily.xml"]
+    assert daily["nbu"] == ["https://bank.gov.ua/NBUStatService/v1/statdirectory/exchange?json"]
+    assert daily["cbr"] == ["https://www.cbr.ru/scripts/XML_daily.asp"]
+    assert daily["privatbank"] == ["https://api.privatbank.ua/p24api/pubinfo?exchange&coursid=5"]
+    assert daily["boc"] == [
         "https://www.bankofcanada.ca/valet/observations/group/FX_RATES_DAILY/json?recent=5"
-    )
+    ]
+    for name, source in FEEDS.items():
+        assert source.url.startswith("https://") or name == "mnb", name  # the public URL
+        assert source.base_direction in ("foreign_per_pivot", "pivot_per_foreign"), name
+        assert re.fullmatch(r"[A-Z]{3}", source.pivot) and re.fullmatch(r"[A-Z]{2}", source.country)
+        assert source.title and source.cadence
+        assert source.full_url_override == (name in ("ecb", "nbu", "cbr", "privatbank", "boc"))
+
+
+def test_configuration_accepts_every_source_name() -> None:
+    import util
+
+    assert util.KNOWN_SOURCES == sources.SOURCE_NAMES
+    settings = util.load_settings({"XRATES_SOURCES": ",".join(FEEDS),
+                                   "XRATES_HKMA_URL": "http://127.0.0.1:9"})
+    assert settings.sources == tuple(FEEDS)
+    assert settings.source_urls == {"hkma": "http://127.0.0.1:9"}
+
+
+@pytest.mark.parametrize(("name", "direction"), [
+    ("ecb", "foreign_per_pivot"), ("bdi", "foreign_per_pivot"), ("rba", "foreign_per_pivot"),
+    ("boe", "foreign_per_pivot"), ("sarb", "foreign_per_pivot"), ("nbu", "pivot_per_foreign"),
+    ("cbr", "pivot_per_foreign"), ("boc", "pivot_per_foreign"), ("nbp", "pivot_per_foreign"),
+    ("cnb", "pivot_per_foreign"), ("mnb", "pivot_per_foreign"), ("nb", "pivot_per_foreign"),
+    ("nbg", "pivot_per_foreign"), ("nbk", "pivot_per_foreign"), ("nbrb", "pivot_per_foreign"),
+    ("hkma", "pivot_per_foreign"), ("privatbank", "pivot_per_foreign"),
+])
+def test_quotes_follow_the_documented_direction(name: str, direction: str) -> None:
+    source = FEEDS[name]
+    assert source.base_direction == direction
+    [first, *_] = [n for f, n, *_ in VALID_FIXTURES if f == name]
+    quotes = source.parse(payload(first))
+    side = {q.base for q in quotes} if direction == "foreign_per_pivot" else {q.quote for q in quotes}
+    if name == "sarb":  # three series are rand per foreign unit, kept as published
+        assert {q.base for q in source.parse_payloads(_all_sarb())} == {"ZAR", "USD", "GBP", "EUR"}
+    else:
+        assert side == {source.pivot}
 
 
 def test_every_fixture_on_disk_is_covered() -> None:
-    covered = {name for _, name, _, _ in VALID_FIXTURES} | {name for _, name, _ in ERROR_FIXTURES}
+    covered = {name for _, name, *_ in VALID_FIXTURES} | {name for _, name, _ in ERROR_FIXTURES}
     on_disk = {
         str(path.relative_to(FIXTURES))
         for path in FIXTURES.rglob("*")
         if path.is_file() and path.name != "PROVENANCE.md"
     }
     assert on_disk == covered
+    # Every folder has its section in PROVENANCE.md.
+    provenance = (FIXTURES / "PROVENANCE.md").read_text()
+    for folder in {name.split("/")[0] for name in on_disk}:
+        assert f"(`{folder}/`)" in provenance, folder
 
 
-@pytest.mark.parametrize(("feed", "name", "count", "as_of"), VALID_FIXTURES)
+@pytest.mark.parametrize(("feed", "name", "count", "days", "newest"), VALID_FIXTURES)
 def test_every_recorded_payload_gives_valid_quotes(
-    feed: str, name: str, count: int, as_of: datetime | None
+    feed: str, name: str, count: int, days: int, newest: datetime | None
 ) -> None:
     quotes = FEEDS[feed].parse(payload(name))
     assert len(quotes) == count
-    assert len({(q.base, q.quote) for q in quotes}) == count
+    assert len({(q.base, q.quote, q.as_of) for q in quotes}) == count  # one per pair per day
+    assert len({q.as_of for q in quotes}) == days
     for quote in quotes:
         assert_valid(quote)
-    if as_of is not None:
-        assert {q.as_of for q in quotes} == {as_of}
+    if newest is not None:
+        assert max(q.as_of for q in quotes) == newest
+    # Every pair is quoted on the newest day: stale series are dropped whole.
+    latest: dict[tuple[str, str], datetime] = {}
+    for q in quotes:
+        latest[(q.base, q.quote)] = max(q.as_of, latest.get((q.base, q.quote), q.as_of))
+    assert set(latest.values()) == {max(q.as_of for q in quotes)}
 
 
 @pytest.mark.parametrize(("feed", "name", "words"), ERROR_FIXTURES)
@@ -179,6 +256,18 @@ def test_payload_of_another_feed_is_rejected() -> None:
         "nbu": "ecb/eurofxref-daily_2024-02-27.xml",
         "privatbank": "boc/FX_RATES_DAILY_start-2026-03-12_vcr.json",
         "boc": "nbu/statdirectory_exchange_2026-09-25.json",
+        "bdi": "nb/EXR_B-NOK-SP_csvdata_2026-03-16_to_2026-03-24_vcr.csv",
+        "nbp": "cnb/exrates_daily-year_2026_lang-EN_recorded-2026-04-02_vcr.json",
+        "cnb": "nbp/exchangerates_tables-A_2026-03-01_to_2026-03-05_vcr.json",
+        "mnb": "nbk/get_rates_fdate-01.04.2026_vcr.xml",
+        "nb": "boe/iadb-fromshowcolumns_26-XUDL-series_2026-03-17_to_2026-03-20_vcr.csv",
+        "rba": "bdi/dailyRates_currencyIsoCode-EUR_2026-02-09_vcr.csv",
+        "nbg": "nbrb/rates_periodicity-0_2026-03-17_vcr.json",
+        "nbk": "mnb/GetExchangeRates_soap_2025-03-24_to_2025-03-28_vcr.xml",
+        "nbrb": "nbg/currencies_date-2026-03-03_vcr.json",
+        "sarb": "hkma/er-eeri-daily_end_of_day_2026-02-25_to_2026-02-28_vcr.json",
+        "boe": "rba/f11.1-data_publication-2026-03-20_vcr.csv",
+        "hkma": "nbp/cenyzlota_gold_2026-03-01_to_2026-03-05_vcr.json",
     }
     for feed, name in assert_raises_all.items():
         with pytest.raises(SourceError):
@@ -211,25 +300,35 @@ def test_ecb_older_files_with_rub_and_hrk() -> None:
     assert "HRK" in rates_2022 and "RUB" not in rates_2022  # RUB suspended in March 2022
 
 
-def test_ecb_hist_90d_takes_only_the_newest_day() -> None:
+def test_ecb_hist_90d_gives_all_61_days() -> None:
     hist = sources.parse_ecb(payload("ecb/eurofxref-hist-90d_2023-12-01_to_2024-02-27.xml"))
     daily = sources.parse_ecb(payload("ecb/eurofxref-daily_2024-02-27.xml"))
-    assert len(hist) == 30  # not the 1830 cubes of all 61 days
-    assert {q.as_of for q in hist} == {midnight(2024, 2, 27)}
+    assert len(hist) == 1830  # every cube of all 61 days, for history
+    days = Counter(q.as_of for q in hist)
+    assert len(days) == 61 and set(days.values()) == {30}
+    # The oldest cube is 2023-11-30 (the file name says 12-01).
+    assert min(days) == midnight(2023, 11, 30) and max(days) == midnight(2024, 2, 27)
+    newest = [q for q in hist if q.as_of == midnight(2024, 2, 27)]
     # Same day, same values; the hist file has double quotes and strips trailing zeros.
-    assert {(q.quote, q.rate) for q in hist} == {(q.quote, q.rate) for q in daily}
-    assert str(by_quote(hist)["GBP"].rate) == "0.8562"
+    assert {(q.quote, q.rate) for q in newest} == {(q.quote, q.rate) for q in daily}
+    assert str(by_quote(newest)["GBP"].rate) == "0.8562"
+    # The current table keeps the newest day per pair (updater.dedupe).
+    from updater import dedupe
+
+    assert dedupe(hist) == sorted(newest, key=lambda q: (q.base, q.quote))
 
 
-def test_ecb_newest_day_wins_whatever_the_order() -> None:
+def test_ecb_every_day_whatever_the_order() -> None:
     body = b"""<?xml version="1.0" encoding="UTF-8"?>
 <gesmes:Envelope xmlns:gesmes="http://www.gesmes.org/xml/2002-08-01"
   xmlns="http://www.ecb.int/vocabulary/2002-08-01/eurofxref"><Cube>
 <Cube time="2024-02-26"><Cube currency="USD" rate="1.0800"/></Cube>
 <Cube time="2024-02-27"><Cube currency="USD" rate="1.0856"/></Cube>
 </Cube></gesmes:Envelope>"""
-    [quote] = sources.parse_ecb(body)
-    assert quote == Quote("EUR", "USD", Decimal("1.0856"), midnight(2024, 2, 27))
+    assert sources.parse_ecb(body) == [
+        Quote("EUR", "USD", Decimal("1.0800"), midnight(2024, 2, 26)),
+        Quote("EUR", "USD", Decimal("1.0856"), midnight(2024, 2, 27)),
+    ]
 
 
 def test_ecb_drops_unusable_rows_but_keeps_the_rest() -> None:
@@ -285,14 +384,16 @@ def test_nbu_single_record_without_special_field() -> None:
     assert quote == Quote("USD", "UAH", Decimal("41.6036"), midnight(2025, 5, 6))
 
 
-def test_nbu_crlf_range_payload_keeps_only_the_latest_day_per_unit() -> None:
+def test_nbu_crlf_range_payload_gives_every_day_per_unit() -> None:
     body = payload("nbu/exchange_site_2026-03-01_to_2026-03-16_vcr.json")
     assert b"}\r\n," in body  # the recorded CRLF framing is really there
     quotes = sources.parse_nbu(body)
-    rates = by_base(quotes)
-    assert len(quotes) == 45  # one day of 45 codes, not 720 rows
-    assert {q.as_of for q in quotes} == {midnight(2026, 3, 16)}
-    assert rates["USD"].rate == Decimal("44.1381")  # 16.03, not 01.03's 43.2081
+    assert len(quotes) == 720  # 45 codes x 16 calendar days, weekends included
+    first = by_base([q for q in quotes if q.as_of == midnight(2026, 3, 1)])
+    assert first["USD"].rate == Decimal("43.2081")
+    rates = by_base([q for q in quotes if q.as_of == midnight(2026, 3, 16)])
+    assert len(rates) == 45
+    assert rates["USD"].rate == Decimal("44.1381")
     # `rate` is for `units` units: 100 KZT = 9.0172 UAH, 1000 VND = 1.6789 UAH, 10 THB ...
     assert rates["KZT"].rate == Decimal("0.090172")
     assert rates["VND"].rate == Decimal("0.0016789")
@@ -304,10 +405,10 @@ def test_nbu_range_rate_per_unit_agrees_with_rate_over_units() -> None:
     rows = json.loads(
         payload("nbu/exchange_site_2026-03-01_to_2026-03-16_vcr.json"), parse_float=Decimal
     )
-    latest = {r["cc"]: r for r in rows if r["exchangedate"] == "16.03.2026"}
+    by_day = {(r["cc"], r["exchangedate"]): r for r in rows}
     quotes = sources.parse_nbu(payload("nbu/exchange_site_2026-03-01_to_2026-03-16_vcr.json"))
     for quote in quotes:
-        row = latest[quote.base]
+        row = by_day[(quote.base, f"{quote.as_of:%d.%m.%Y}")]
         assert quote.rate == row["rate_per_unit"] == row["rate"] / row["units"]
 
 
@@ -322,7 +423,7 @@ def test_nbu_mixed_dates_and_inconsistent_units() -> None:
     rows = [
         {"cc": "USD", "rate": 41.5, "exchangedate": "05.05.2025"},
         {"cc": "USD", "rate": 41.6036, "exchangedate": "06.05.2025"},
-        {"cc": "EUR", "rate": 47.1, "exchangedate": "05.05.2025"},  # stale day: dropped
+        {"cc": "EUR", "rate": 47.1, "exchangedate": "05.05.2025"},  # stale series: dropped
         {"cc": "HUF", "rate": 11.5, "units": 100, "rate_per_unit": 0.115,
          "exchangedate": "06.05.2025"},
         {"cc": "JPY", "rate": 2.9, "units": 10, "rate_per_unit": 2.9,  # disagree: dropped
@@ -331,12 +432,12 @@ def test_nbu_mixed_dates_and_inconsistent_units() -> None:
         {"cc": "CHF", "rate": 50, "exchangedate": "31.02.2025"},  # impossible date
         "not a row",
     ]
-    rates = by_base(sources.parse_nbu(json.dumps(rows).encode()))
-    assert {code: q.rate for code, q in rates.items()} == {
-        "USD": Decimal("41.6036"),
-        "HUF": Decimal("0.115"),
+    quotes = sources.parse_nbu(json.dumps(rows).encode())
+    assert {(q.base, q.as_of.day, q.rate) for q in quotes} == {
+        ("USD", 5, Decimal("41.5")),
+        ("USD", 6, Decimal("41.6036")),
+        ("HUF", 6, Decimal("0.115")),
     }
-    assert rates["USD"].as_of == midnight(2025, 5, 6)
 
 
 def test_nbu_json_error_object_and_future_day_empty_list() -> None:
@@ -518,11 +619,11 @@ def test_privatbank_duplicates_and_bad_rows() -> None:
 # --------------------------------------------------------------------------- Bank of Canada
 
 
-def test_boc_latest_observation_per_series() -> None:
+def test_boc_every_observation_per_series() -> None:
     quotes = sources.parse_boc(payload("boc/FX_RATES_DAILY_start-2026-03-12_vcr.json"))
-    rates = by_base(quotes)
     assert {q.quote for q in quotes} == {"CAD"}
-    assert {q.as_of for q in quotes} == {midnight(2026, 3, 18)}
+    assert Counter(q.as_of.day for q in quotes) == {12: 23, 13: 23, 16: 23, 17: 23, 18: 23}
+    rates = by_base([q for q in quotes if q.as_of == midnight(2026, 3, 18)])
     assert rates["USD"].rate == Decimal("1.3706")
     assert str(rates["JPY"].rate) == "0.008590"  # published digits kept
     assert rates["IDR"].rate == Decimal("0.000081")
@@ -552,8 +653,11 @@ def test_boc_series_missing_from_the_newest_day_is_dropped() -> None:
              "FXCADUSD": {"v": "0.73"}, "FXXAUCAD": {}, "FXJPYCAD": "0.0086"},
         ]
     }
-    [quote] = sources.parse_boc(json.dumps(body).encode())
-    assert quote == Quote("USD", "CAD", Decimal("1.3716"), midnight(2026, 3, 13))
+    # EUR's latest value is older than the feed's date: the whole series goes.
+    assert sources.parse_boc(json.dumps(body).encode()) == [
+        Quote("USD", "CAD", Decimal("1.3617"), midnight(2026, 3, 12)),
+        Quote("USD", "CAD", Decimal("1.3716"), midnight(2026, 3, 13)),
+    ]
 
 
 def test_boc_without_observations_is_an_error() -> None:
@@ -607,7 +711,7 @@ def test_quote_rejects_invalid_values() -> None:
 
 # --------------------------------------------------------------------------- fuzzing
 
-_VALID_BY_FEED = {feed: [name for f, name, _, _ in VALID_FIXTURES if f == feed] for feed in FEEDS}
+_VALID_BY_FEED = {feed: [name for f, name, *_ in VALID_FIXTURES if f == feed] for feed in FEEDS}
 
 
 def _parse_or_source_error(feed: str, body: bytes) -> None:
@@ -639,7 +743,12 @@ _json_values = st.recursive(
     lambda children: st.lists(children, max_size=5)
     | st.dictionaries(
         st.sampled_from(["cc", "rate", "units", "rate_per_unit", "exchangedate", "ccy",
-                         "base_ccy", "buy", "sale", "observations", "d", "FXUSDCAD", "v"]),
+                         "base_ccy", "buy", "sale", "observations", "d", "FXUSDCAD", "v",
+                         "rates", "code", "mid", "effectiveDate", "data", "cena", "currencyCode",
+                         "amount", "validFor", "date", "currencies", "quantity", "Cur_ID",
+                         "Cur_Abbreviation", "Cur_Scale", "Cur_OfficialRate", "Date", "Period",
+                         "Timeseries", "Value", "header", "success", "result", "records",
+                         "end_of_day", "usd"]),
         children,
         max_size=6,
     ),
@@ -647,7 +756,8 @@ _json_values = st.recursive(
 )
 
 
-@pytest.mark.parametrize("feed", ["nbu", "privatbank", "boc"])
+@pytest.mark.parametrize("feed", ["nbu", "privatbank", "boc", "nbp", "cnb", "nbg", "nbrb", "sarb",
+                                  "hkma"])
 @settings(max_examples=150, deadline=None)
 @given(value=_json_values)
 def test_arbitrary_json_never_crashes(feed: str, value: object) -> None:
@@ -721,6 +831,7 @@ class FeedServer:
         self.scripts: dict[str, list[Reply]] = {}
         self.hits: Counter[str] = Counter()
         self.user_agents: list[str] = []
+        self.posts: list[tuple[str, dict[str, str], bytes]] = []
         self.release = threading.Event()
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -748,6 +859,11 @@ class FeedServer:
 
 def _make_handler(feed_server: FeedServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            feed_server.posts.append((self.path, dict(self.headers), self.rfile.read(length)))
+            self.do_GET()
+
         def do_GET(self) -> None:
             reply = feed_server.next_reply(self.path, self.headers.get("User-Agent", ""))
             if reply.hang:
@@ -891,3 +1007,402 @@ async def test_make_client_settings() -> None:
         assert client.headers["User-Agent"] == "xrates/0.1"
         assert client.follow_redirects is False
         assert client.timeout.read == 10.0 and client.timeout.connect == 5.0
+
+
+# =========================================================================== the twelve new sources
+
+
+def on_day(quotes: list[Quote], year: int, month: int, dom: int) -> dict[tuple[str, str], Decimal]:
+    return {(q.base, q.quote): q.rate for q in quotes if q.as_of == midnight(year, month, dom)}
+
+
+def _all_sarb() -> list[bytes]:
+    return [path.read_bytes() for path in sorted((FIXTURES / "sarb").glob("*.json"))]
+
+
+def _nbrb_payloads() -> list[bytes]:
+    return [payload("nbrb/rates_periodicity-0_2026-03-17_vcr.json")] + [
+        payload(name) for name in NBRB_DYNAMICS
+    ]
+
+
+def test_bdi_foreign_per_euro_na_dropped_repeats_merged() -> None:
+    body = payload("bdi/dailyRates_currencyIsoCode-EUR_2026-02-11_vcr.csv")
+    assert b",BYN,280,N.A.," in body and body.count(b",XCD,137,") > 1
+    assert "# Banca d\u2019Italia" in body.decode()  # the UTF-8 disclaimer block is skipped
+    rates = by_quote(sources.parse_bdi(body))
+    assert {q.base for q in rates.values()} == {"EUR"}
+    assert str(rates["JPY"].rate) == "182.7900"  # as published, trailing zeros kept
+    assert not {"BYN", "IRR", "KPW", "RUB", "EUR"} & set(rates)
+    assert {"ZWG", "SLE", "VES", "XCG", "BMD", "BTN", "FKP", "KYD", "SHP"} <= set(rates)
+    three = FEEDS["bdi"].parse_payloads([
+        payload(f"bdi/dailyRates_currencyIsoCode-EUR_2026-02-{d}_vcr.csv") for d in ("09", "10", "11")
+    ])
+    assert len(three) == 450 and len({q.as_of for q in three}) == 3
+
+
+def test_bdi_other_rate_convention_is_not_guessed() -> None:
+    body = payload("bdi/dailyRates_currencyIsoCode-EUR_2026-02-11_vcr.csv").replace(
+        b"JAPAN,Japanese Yen,JPY,071,182.7900,Foreign currency amount for 1 Euro.",
+        b"JAPAN,Japanese Yen,JPY,071,182.7900,Euro amount for 1 unit of foreign currency.")
+    assert "JPY" not in by_quote(sources.parse_bdi(body))
+
+
+def test_nbp_tables_a_b_and_gold() -> None:
+    a = payload("nbp/exchangerates_tables-A_2026-03-01_to_2026-03-05_vcr.json")
+    b = payload("nbp/exchangerates_tables-B_2026-03-01_to_2026-03-05_vcr.json")
+    gold = payload("nbp/cenyzlota_gold_2026-03-01_to_2026-03-05_vcr.json")
+    table_a = sources.parse_nbp(a)
+    assert [on_day(table_a, 2026, 3, d)[("USD", "PLN")] for d in (2, 3, 4, 5)] == [
+        Decimal("3.6056"), Decimal("3.6820"), Decimal("3.6770"), Decimal("3.6771")]
+    assert on_day(table_a, 2026, 3, 2)[("HUF", "PLN")] == Decimal("0.011155")
+    assert on_day(table_a, 2026, 3, 2)[("XDR", "PLN")]  # "SDR (MFW)" carries the ISO code
+    table_b = by_base(sources.parse_nbp(b))
+    assert table_b["MGA"] == Quote("MGA", "PLN", Decimal("0.000881"), midnight(2026, 3, 4))
+    [first, *_] = sources.parse_nbp(gold)
+    # 595.71 PLN per gram; XAU is one troy ounce (31.1034768 g), exact here.
+    assert first == Quote("XAU", "PLN", Decimal("595.71") * Decimal("31.1034768"),
+                          midnight(2026, 3, 2))
+    # One run: weekly table B (03-04) is not stale beside daily table A (03-05).
+    run = FEEDS["nbp"].parse_payloads([a, b, gold])
+    assert len(run) == 128 + 116 + 4
+    assert not {q.base for q in table_a} & set(table_b)  # the tables do not overlap
+
+
+def test_cnb_rate_per_amount_all_days_of_the_year() -> None:
+    quotes = sources.parse_cnb(payload("cnb/exrates_daily-year_2026_lang-EN_recorded-2026-04-02_vcr.json"))
+    last = on_day(quotes, 2026, 4, 2)
+    assert last[("JPY", "CZK")] == Decimal("0.13338")  # 13.338 CZK per 100 JPY
+    assert last[("IDR", "CZK")] == Decimal("0.001253")  # per 1000 IDR
+    assert last[("XDR", "CZK")] and len(last) == 30
+    assert on_day(quotes, 2026, 1, 2)[("AUD", "CZK")] == Decimal("13.797")
+    with pytest.raises(SourceError, match="cnb: payload holds no usable rates"):
+        sources.parse_cnb(b'{"rates":[]}')  # a year before its first fixing
+
+
+def test_mnb_soap_escaped_result_decimal_comma_and_unit() -> None:
+    body = payload("mnb/GetExchangeRates_soap_2025-03-24_to_2025-03-28_vcr.xml")
+    assert b"&lt;MNBExchangeRates&gt;" in body  # the payload is XML inside SOAP text
+    quotes = sources.parse_mnb(body)
+    assert on_day(quotes, 2025, 3, 28)[("JPY", "HUF")] == Decimal("2.4817")  # 248,17 per 100
+    assert on_day(quotes, 2025, 3, 28)[("USD", "HUF")] == Decimal("373.72")
+    assert on_day(quotes, 2025, 3, 24)[("USD", "HUF")] == Decimal("367.60")  # days newest first
+    fault = (b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><s:Fault>'
+             b"<faultstring>Server was unable to process request</faultstring></s:Fault>"
+             b"</s:Body></s:Envelope>")
+    with pytest.raises(SourceError, match="unable to process request"):
+        sources.parse_mnb(fault)
+
+
+def test_nb_unit_mult_and_indices() -> None:
+    quotes = sources.parse_nb(payload("nb/EXR_B-NOK-SP_csvdata_2026-03-16_to_2026-03-24_vcr.csv"))
+    last = on_day(quotes, 2026, 3, 24)
+    assert last[("HUF", "NOK")] == Decimal("0.028805")  # 2.8805 NOK per 100 HUF (UNIT_MULT 2)
+    assert last[("USD", "NOK")] == Decimal("9.7049")
+    assert last[("XDR", "NOK")] == Decimal("13.2271")
+    assert not {"I44", "TWI"} & {q.base for q in quotes}
+
+
+def test_rba_bom_padding_sdr_and_sparse_columns() -> None:
+    body = payload("rba/f11.1-data_publication-2026-03-20_vcr.csv")
+    assert body.startswith(b"\xef\xbb\xbfF11.1  EXCHANGE RATES") and body.endswith(b"\n" * 1000)
+    quotes = sources.parse_rba(body)
+    last = on_day(quotes, 2026, 3, 20)
+    assert last[("AUD", "USD")] == Decimal("0.7088")
+    assert last[("AUD", "XDR")] == Decimal("0.5217")  # SDR mapped to ISO XDR
+    assert last[("AUD", "PGK")] == Decimal("3.0565")
+    assert on_day(quotes, 2023, 1, 3)[("AUD", "USD")] == Decimal("0.6828")
+    codes = {q.quote for q in quotes}
+    assert not {"AED", "ZAR", "SDR", "IND"} & codes and len(codes) == 20  # index column dropped
+    assert not any(q.quote == "PGK" and q.as_of < midnight(2026, 1, 7) for q in quotes)
+
+
+def test_nbg_date_from_the_body_and_holiday_repeat() -> None:
+    monday = sources.parse_nbg(payload("nbg/currencies_date-2026-03-02_vcr.json"))
+    # Requested for 03-02, the body's set is the one in force since Saturday 02-28.
+    assert {q.as_of for q in monday} == {midnight(2026, 2, 28)}
+    assert by_base(monday)["AMD"].rate == Decimal("0.007096")  # 7.0960 GEL per 1000 AMD
+    holiday = payload("nbg/EDGE_currencies_date-2026-03-04_identical-to-03-03_vcr.json")
+    assert holiday == payload("nbg/currencies_date-2026-03-03_vcr.json")
+    run = FEEDS["nbg"].parse_payloads([payload("nbg/currencies_date-2026-03-02_vcr.json"),
+                                       payload("nbg/currencies_date-2026-03-03_vcr.json"), holiday])
+    assert len(run) == 84  # 03-04 repeats 03-03: no third day invented
+    assert {q.as_of for q in run} == {midnight(2026, 2, 28), midnight(2026, 3, 3)}
+
+
+def test_nbk_quant_and_empty_index() -> None:
+    body = payload("nbk/get_rates_fdate-01.04.2026_vcr.xml")
+    assert b"<index></index>" in body
+    rates = by_base(sources.parse_nbk(body))
+    assert rates["IRR"] == Quote("IRR", "KZT", Decimal("0.0004"), midnight(2026, 4, 1))
+    assert rates["AMD"].rate == Decimal("1.272")  # 12.72 KZT per 10 AMD
+    assert rates["AUD"].rate == Decimal("328.01") and "XDR" in rates
+
+
+def test_nbrb_list_and_dynamics_by_cur_id() -> None:
+    rates = by_base(sources.parse_nbrb(payload("nbrb/rates_periodicity-0_2026-03-17_vcr.json")))
+    assert rates["IRR"].rate == Decimal("0.000002229")  # 0.2229 BYN per 100000 IRR
+    assert rates["AMD"].rate == Decimal("0.0078014")
+    run = FEEDS["nbrb"].parse_payloads(_nbrb_payloads())
+    assert len(run) == 30 * 17  # 17 calendar days per currency; 03-17 twice, identical
+    assert on_day(run, 2026, 3, 8)[("USD", "BYN")] == Decimal("2.9013")  # a Sunday, as published
+    assert on_day(run, 2026, 3, 1)[("IRR", "BYN")] == _per(on_day_raw("461", "2026-03-01"), 100000)
+
+
+def on_day_raw(cur_id: str, day: str) -> Decimal:
+    [name] = [n for n in NBRB_DYNAMICS if f"_{cur_id}-" in n]
+    [row] = [r for r in json.loads(payload(name), parse_float=Decimal) if r["Date"].startswith(day)]
+    return row["Cur_OfficialRate"]
+
+
+def _per(value: Decimal, units: int) -> Decimal:
+    return value / units
+
+
+def test_sarb_titles_give_codes_and_mixed_direction() -> None:
+    run = FEEDS["sarb"].parse_payloads(_all_sarb())
+    assert len(run) == 23 * 4
+    # 2026-03-23 was requested, and is missing from every series.
+    assert {q.as_of.day for q in run} == {24, 25, 26, 27}
+    last = on_day(run, 2026, 3, 27)
+    assert last[("USD", "ZAR")] == Decimal("17.1302")  # "Rand per US Dollar"
+    assert last[("ZAR", "KRW")] == Decimal("87.9759")  # "South Korea: Won per Rand"
+    assert {pair for pair in last if "ZAR" == pair[1]} == {("USD", "ZAR"), ("GBP", "ZAR"),
+                                                           ("EUR", "ZAR")}
+    unknown = b'[{"Period":"2026-03-27T00:00:00","Timeseries":"Mars: Credit per Rand","Value":1.5}]'
+    with pytest.raises(SourceError, match="sarb: payload holds no usable rates"):
+        sources.parse_sarb(unknown)
+
+
+def test_boe_series_codes_crlf() -> None:
+    body = payload("boe/iadb-fromshowcolumns_26-XUDL-series_2026-03-17_to_2026-03-20_vcr.csv")
+    assert body.endswith(b"\r\n")
+    first = on_day(sources.parse_boe(body), 2026, 3, 17)
+    assert len(first) == 26
+    assert first[("GBP", "USD")] == Decimal("1.3343")
+    assert first[("GBP", "CZK")] == Decimal("28.3025")  # XUDLBK25
+    assert first[("GBP", "RON")] == Decimal("5.8963")  # XUDLZOS4
+
+
+def test_hkma_float_noise_nulls_and_indices() -> None:
+    body = payload("hkma/er-eeri-daily_end_of_day_2026-02-25_to_2026-02-28_vcr.json")
+    assert b'"usd":7.8245000000000005' in body
+    quotes = sources.parse_hkma(body)
+    last = on_day(quotes, 2026, 2, 28)  # a Saturday, as published
+    assert str(last[("USD", "HKD")]) == "7.8245"
+    assert last[("IDR", "HKD")] == Decimal("0.0004666")
+    assert {q.base for q in quotes} == {
+        "USD", "GBP", "JPY", "CAD", "AUD", "SGD", "TWD", "CHF", "CNY", "KRW", "THB", "MYR", "EUR",
+        "PHP", "INR", "IDR", "ZAR"}  # no DEM..ITL (null), no XDR (null on the newest day)
+    error = b'{"header":{"success":false,"err_code":"1001","err_msg":"Invalid parameter"}}'
+    with pytest.raises(SourceError, match="Invalid parameter"):
+        sources.parse_hkma(error)
+
+
+# Per source: a renamed element or column, as a changed feed would send it.
+RENAMES = {
+    "ecb": ("ecb/eurofxref-daily_2024-02-27.xml", b"time=", b"tyme="),
+    "nbu": ("nbu/exchange_site_2026-03-01_to_2026-03-16_vcr.json", b'"exchangedate"', b'"date"'),
+    "cbr": ("cbr/XML_daily_2024-03-28_vunitrate.xml", b"Valute", b"Valuta"),
+    "privatbank": ("privatbank/pubinfo_coursid5_committed-2018-04-23.json", b'"buy"', b'"bid"'),
+    "boc": ("boc/FX_RATES_DAILY_start-2026-03-12_vcr.json", b'"observations"', b'"obs"'),
+    "bdi": ("bdi/dailyRates_currencyIsoCode-EUR_2026-02-09_vcr.csv", b"ISO Code", b"ISO"),
+    "nbp": ("nbp/exchangerates_tables-A_2026-03-01_to_2026-03-05_vcr.json", b"effectiveDate", b"date"),
+    "cnb": ("cnb/exrates_daily-year_2026_lang-EN_recorded-2026-04-02_vcr.json", b'"rates"', b'"r"'),
+    "mnb": ("mnb/GetExchangeRates_soap_2025-03-24_to_2025-03-28_vcr.xml", b"ExchangeRatesResult",
+            b"RatesResult"),
+    "nb": ("nb/EXR_B-NOK-SP_csvdata_2026-03-16_to_2026-03-24_vcr.csv", b"OBS_VALUE", b"VALUE"),
+    "rba": ("rba/f11.1-data_publication-2026-03-20_vcr.csv", b"\nUnits,", b"\nUnit,"),
+    "nbg": ("nbg/currencies_date-2026-03-03_vcr.json", b'"currencies"', b'"list"'),
+    "nbk": ("nbk/get_rates_fdate-01.04.2026_vcr.xml", b"date>", b"day>"),
+    "nbrb": ("nbrb/rates_periodicity-0_2026-03-17_vcr.json", b"Cur_OfficialRate", b"Cur_Rate"),
+    "sarb": (f"sarb/{sorted((FIXTURES / 'sarb').glob('*.json'))[0].name}", b"Timeseries", b"Series"),
+    "boe": ("boe/iadb-fromshowcolumns_26-XUDL-series_2026-03-17_to_2026-03-20_vcr.csv", b"DATE,",
+            b"DAY,"),
+    "hkma": ("hkma/er-eeri-daily_end_of_day_2026-02-25_to_2026-02-28_vcr.json", b'"records"',
+             b'"rows"'),
+}
+
+
+def test_every_feed_has_a_shape_change_case() -> None:
+    assert set(RENAMES) == set(FEEDS)
+
+
+@pytest.mark.parametrize("feed", list(RENAMES))
+def test_renamed_element_or_column_fails_cleanly(feed: str) -> None:
+    name, old, new = RENAMES[feed]
+    body = payload(name)
+    assert old in body
+    with pytest.raises(SourceError, match=rf"^{feed}: "):
+        FEEDS[feed].parse(body.replace(old, new))
+
+
+@pytest.mark.parametrize("feed", list(RENAMES))
+def test_payload_cut_in_half_fails_cleanly(feed: str) -> None:
+    body = payload(RENAMES[feed][0])
+    with pytest.raises(SourceError, match=rf"^{feed}: "):
+        FEEDS[feed].parse(body[: len(body) // 2])
+
+
+@pytest.mark.parametrize("feed", ["bdi", "nb", "rba", "boe"])
+def test_csv_row_with_a_missing_field_fails(feed: str) -> None:
+    name = RENAMES[feed][0]
+    lines = payload(name).split(b"\n")
+    row = next(i for i, line in enumerate(lines) if line[:1].isdigit() or line[:2] in (b"AF", b"B,"))
+    lines[row] = lines[row].rsplit(b",", 1)[0]
+    with pytest.raises(SourceError, match=rf"^{feed}: .*fields"):
+        FEEDS[feed].parse(b"\n".join(lines))
+
+
+# =========================================================================== requests
+
+
+def urls(requests: list[sources.Request]) -> list[str]:
+    return [request.url for request in requests]
+
+
+def test_daily_request_plans() -> None:
+    assert urls(FEEDS["nbp"].daily_requests(date(2026, 3, 5))) == [
+        "https://api.nbp.pl/api/exchangerates/tables/A/2026-02-27/2026-03-05/?format=json",
+        "https://api.nbp.pl/api/exchangerates/tables/B/2026-02-20/2026-03-05/?format=json",
+        "https://api.nbp.pl/api/cenyzlota/2026-02-27/2026-03-05/?format=json",
+    ]
+    assert urls(FEEDS["nbk"].daily_requests(date(2026, 4, 1))) == [
+        "https://nationalbank.kz/rss/get_rates.cfm?fdate=01.04.2026"]
+    base = "https://tassidicambio.bancaditalia.it/terzevalute-wf-web/rest/v1.0/dailyRates"
+    assert urls(FEEDS["bdi"].daily_requests(date(2026, 2, 9))) == [  # a Monday: Friday too
+        f"{base}?currencyIsoCode=EUR&lang=en&referenceDate=2026-02-06",
+        f"{base}?currencyIsoCode=EUR&lang=en&referenceDate=2026-02-09"]
+    assert urls(FEEDS["nbg"].daily_requests(date(2026, 3, 2))) == [
+        "https://nbg.gov.ge/gw/api/ct/monetarypolicy/currencies/?date=2026-03-02"]
+    assert urls(FEEDS["cnb"].daily_requests(date(2026, 1, 3))) == [
+        "https://api.cnb.cz/cnbapi/exrates/daily-year?lang=EN&year=2025",
+        "https://api.cnb.cz/cnbapi/exrates/daily-year?lang=EN&year=2026"]
+    assert urls(FEEDS["cnb"].daily_requests(date(2026, 4, 2))) == [
+        "https://api.cnb.cz/cnbapi/exrates/daily-year?lang=EN&year=2026"]
+    [boe] = urls(FEEDS["boe"].daily_requests(date(2026, 3, 20)))
+    assert boe.startswith("https://www.bankofengland.co.uk/boeapps/database/_iadb-fromshowcolumns"
+                          ".asp?CSVF=TN&Datefrom=14/Mar/2026&Dateto=20/Mar/2026&SeriesCodes=XUDLUSS,")
+    assert boe.endswith(",XUDLZOS4&UsingCodes=Y&csv.x=yes")
+    sarb = urls(FEEDS["sarb"].daily_requests(date(2026, 3, 27)))
+    assert len(sarb) == 23 and sarb[0] == (
+        "https://custom.resbank.co.za/SarbWebApi/WebIndicators/Shared/GetTimeseriesObservations/"
+        "EXCX135D/2026-03-21T00:00:00/2026-03-27T00:00:00")
+    [mnb] = FEEDS["mnb"].daily_requests(date(2025, 3, 28))
+    assert (mnb.method, mnb.url) == ("POST", "http://www.mnb.hu/arfolyamok.asmx")
+    assert b"<web:startDate>2025-03-22</web:startDate><web:endDate>2025-03-28</web:endDate>" in mnb.body
+    assert dict(mnb.headers)["SOAPAction"].endswith("/MNBArfolyamServiceSoap/GetExchangeRates")
+
+
+def test_history_request_plans() -> None:
+    assert FEEDS["privatbank"].history_requests is None
+    assert all(FEEDS[name].history_requests for name in FEEDS if name != "privatbank")
+    today = date(2026, 3, 17)
+    nbrb = urls(FEEDS["nbrb"].history_requests(today, 17))
+    assert nbrb[0] == "https://api.nbrb.by/exrates/rates?periodicity=0" and len(nbrb) == 31
+    assert nbrb[7] == ("https://api.nbrb.by/exrates/rates/dynamics/431?endDate=2026-03-17"
+                       "&startDate=2026-03-01")
+    assert urls(FEEDS["nbk"].history_requests(date(2026, 4, 3), 3)) == [
+        f"https://nationalbank.kz/rss/get_rates.cfm?fdate=0{d}.04.2026" for d in (1, 2, 3)]
+    assert len(FEEDS["bdi"].history_requests(date(2026, 2, 15), 14)) == 10  # business days
+    assert urls(FEEDS["ecb"].history_requests(today, 90)) == [
+        "https://www.ecb.europa.eu/stats/eurofxref/eurofxref-hist-90d.xml"]
+    assert urls(FEEDS["boc"].history_requests(today, 6)) == [
+        "https://www.bankofcanada.ca/valet/observations/group/FX_RATES_DAILY/json"
+        "?start_date=2026-03-12"]
+    # NBP serves <= 93 days per request: 200 days take three windows of each kind.
+    nbp = urls(FEEDS["nbp"].history_requests(today, 200))
+    assert len(nbp) == 9 and nbp[0].endswith("/tables/A/2025-12-15/2026-03-17/?format=json")
+    hkma = urls(FEEDS["hkma"].history_requests(today, 250))
+    assert len(hkma) == 3 and "from=2025-12-08&to=2026-03-17" in hkma[0]
+    assert urls(FEEDS["cnb"].history_requests(today, 500)) == [
+        f"https://api.cnb.cz/cnbapi/exrates/daily-year?lang=EN&year={y}" for y in (2024, 2025, 2026)]
+
+
+def test_override_replaces_only_scheme_host_and_port() -> None:
+    url = "https://api.nbp.pl/api/exchangerates/tables/A/2026-02-27/2026-03-05/?format=json"
+    assert sources.override_url(url, "http://127.0.0.1:8080") == (
+        "http://127.0.0.1:8080/api/exchangerates/tables/A/2026-02-27/2026-03-05/?format=json")
+    assert sources.override_url(url, "http://mirror.invalid/") == (
+        "http://mirror.invalid/api/exchangerates/tables/A/2026-02-27/2026-03-05/?format=json")
+    assert sources.override_url(url, "https://u:p@proxy.invalid:8443").startswith(
+        "https://u:p@proxy.invalid:8443/api/")
+    assert sources.override_url(url, None) == url and sources.override_url(url, "") == url
+    for bad in ("ftp://mirror.invalid", "mirror.invalid:80", "http://", "http://u:secret@m/x"):
+        with pytest.raises(SourceError) as caught:
+            sources.override_url(url, bad)
+        assert "secret" not in str(caught.value)
+
+
+def test_override_with_a_path_keeps_its_full_url_meaning_for_the_five_feeds() -> None:
+    ecb = FEEDS["ecb"]
+    plan = ecb.daily_requests(date(2024, 2, 27))
+    [full] = sources.planned_requests(ecb, plan, "http://127.0.0.1:9/mirror/ecb.xml")
+    assert full.url == "http://127.0.0.1:9/mirror/ecb.xml"
+    [origin] = sources.planned_requests(ecb, plan, "http://127.0.0.1:9")
+    assert origin.url == "http://127.0.0.1:9/stats/eurofxref/eurofxref-daily.xml"
+    nbp = FEEDS["nbp"]
+    with pytest.raises(SourceError, match=r"nbp: override 'http://\*\*\*@m.invalid/api' has a path"):
+        sources.planned_requests(nbp, nbp.daily_requests(date(2026, 3, 5)), "http://u:pw@m.invalid/api")
+    cbr = FEEDS["cbr"]  # a full URL cannot stand for one request per day
+    with pytest.raises(SourceError, match="has a path"):
+        sources.planned_requests(cbr, cbr.history_requests(date(2026, 3, 5), 3), "http://m.invalid/x")
+
+
+async def test_fetch_quotes_makes_every_request_of_a_run(server: FeedServer) -> None:
+    files = {
+        "/api/exchangerates/tables/A/2026-02-27/2026-03-05/?format=json":
+            "nbp/exchangerates_tables-A_2026-03-01_to_2026-03-05_vcr.json",
+        "/api/exchangerates/tables/B/2026-02-20/2026-03-05/?format=json":
+            "nbp/exchangerates_tables-B_2026-03-01_to_2026-03-05_vcr.json",
+        "/api/cenyzlota/2026-02-27/2026-03-05/?format=json":
+            "nbp/cenyzlota_gold_2026-03-01_to_2026-03-05_vcr.json",
+    }
+    for path, name in files.items():
+        server.serve(path, Reply(200, payload(name)))
+    async with sources.make_client() as client:
+        quotes = await sources.fetch_quotes(FEEDS["nbp"], client, today=date(2026, 3, 5),
+                                            url_override=server.url(""), attempts=1)
+    assert len(quotes) == 248 and all(server.hits[path] == 1 for path in files)
+
+    # One failing request fails the whole source, naming it and its URL without credentials.
+    server.serve("/api/cenyzlota/2026-02-27/2026-03-05/?format=json", Reply(500))
+    override = f"http://user:secret@127.0.0.1:{server.port}"
+    async with sources.make_client() as client:
+        with pytest.raises(FetchError, match=r"^nbp: GET http://\*\*\*@127.0.0.1:\d+/api/cenyzlota/"
+                                             r".*HTTP 500") as caught:
+            await sources.fetch_quotes(FEEDS["nbp"], client, today=date(2026, 3, 5),
+                                       url_override=override, attempts=1)
+    assert "secret" not in str(caught.value)
+
+
+async def test_fetch_quotes_posts_the_soap_request(server: FeedServer) -> None:
+    server.serve("/arfolyamok.asmx", Reply(200, payload(RENAMES["mnb"][0])))
+    async with sources.make_client() as client:
+        quotes = await sources.fetch_quotes(FEEDS["mnb"], client, today=date(2025, 3, 28),
+                                            url_override=server.url("/"), attempts=1)
+    assert len(quotes) == 160
+    [(path, headers, body)] = server.posts
+    assert path == "/arfolyamok.asmx" and headers["SOAPAction"] == (
+        "http://www.mnb.hu/webservices/MNBArfolyamServiceSoap/GetExchangeRates")
+    assert b"<web:currencyNames>AUD,BRL," in body
+
+
+async def test_fetch_quotes_backfill_uses_the_history_override(server: FeedServer) -> None:
+    hist = "ecb/eurofxref-hist-90d_2023-12-01_to_2024-02-27.xml"
+    server.serve("/stats/eurofxref/eurofxref-hist-90d.xml", Reply(200, payload(hist)))
+    with socket.socket() as probe:  # the daily override: nobody listens there
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    async with sources.make_client() as client:
+        quotes = await sources.fetch_quotes(
+            FEEDS["ecb"], client, today=date(2024, 2, 27), url_override=dead, history=True,
+            history_url_override=server.url(""), days=61, attempts=1)
+        assert len(quotes) == 1830
+        with pytest.raises(SourceError, match="privatbank: no multi-day endpoint"):
+            await sources.fetch_quotes(FEEDS["privatbank"], client, today=date(2024, 2, 27),
+                                       history=True, days=5)
+        # Without a history override, XRATES_<SOURCE>_URL serves backfills too.
+        again = await sources.fetch_quotes(FEEDS["ecb"], client, today=date(2024, 2, 27),
+                                           url_override=server.url(""), history=True, days=61)
+    assert again == quotes
