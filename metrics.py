@@ -24,6 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+import internals
+
 # Decided at import, as prometheus_client decides it: values live in files shared by workers.
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
@@ -43,18 +45,14 @@ REQUEST_LATENCY = Histogram(
 # Request latencies are counted per (route, status) in plain lists on the hot path and added
 # to REQUEST_LATENCY in bulk by flush_requests() (each WorkerMetrics.sync, so at least once a
 # second and before every scrape): a labelled Histogram.observe costs a lock, a label lookup
-# and two value updates per request. Adding counts in bulk uses the histogram's bucket values
-# (prometheus_client has no public bulk API); a version without them falls back to observe.
+# and two value updates per request. The bulk add is internals.add_histogram_counts (checked
+# against observe() at start-up).
 _UPPER_BOUNDS = (*LATENCY_BUCKETS_S, math.inf)  # as prometheus_client: "le", then +Inf
 _pending: dict[tuple[str, int], list[float]] = {}
-_bulk = True  # until a histogram child shows that it cannot take counts in bulk
 
 
 def observe_request(route: str, status: int, seconds: float) -> None:
     """Record one request's handling time (cheap: no lock, no Prometheus value touched)."""
-    if not _bulk:
-        REQUEST_LATENCY.labels(route, str(status)).observe(seconds)
-        return
     counts = _pending.get((route, status))
     if counts is None:
         counts = _pending[(route, status)] = [0] * (len(_UPPER_BOUNDS) + 1)
@@ -64,23 +62,11 @@ def observe_request(route: str, status: int, seconds: float) -> None:
 
 def flush_requests() -> None:
     """Add the request latencies recorded since the last flush to REQUEST_LATENCY."""
-    global _bulk
     pending = list(_pending.items())
     _pending.clear()
     for (route, status), counts in pending:
-        child = REQUEST_LATENCY.labels(route, str(status))
-        buckets, total = getattr(child, "_buckets", None), getattr(child, "_sum", None)
-        if (buckets is None or total is None
-                or tuple(getattr(child, "_upper_bounds", ())) != _UPPER_BOUNDS):
-            _bulk = False  # from now on every request observes; these get their bucket's bound
-            for bound, count in zip(_UPPER_BOUNDS, counts[:-1], strict=False):
-                for _ in range(int(count)):
-                    child.observe(min(bound, LATENCY_BUCKETS_S[-1] * 2))
-            continue
-        total.inc(counts[-1])
-        for bucket, count in zip(buckets, counts[:-1], strict=True):
-            if count:
-                bucket.inc(count)
+        internals.add_histogram_counts(REQUEST_LATENCY.labels(route, str(status)),
+                                       _UPPER_BOUNDS, counts)
 
 
 def render() -> tuple[bytes, str]:

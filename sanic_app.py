@@ -25,13 +25,13 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
 from sanic import Request, Sanic
-from sanic.compat import Header
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 from sanic_ext import Extend, openapi
 from sanic_ext.extensions.http.extension import HTTPExtension
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 
+import internals
 import metrics
 import model
 import util
@@ -274,7 +274,7 @@ async def common_headers(request: Request, response: HTTPResponse) -> None:
     headers = response.headers
     if "cache-control" not in headers:
         headers["Cache-Control"] = "no-store"
-    # A rate response (RateResponse) already carries the read CORS headers.
+    # A rate response (rate_response) already carries the read CORS headers.
     if request.method in _READ_METHODS and "access-control-expose-headers" not in headers:
         headers["Access-Control-Allow-Origin"] = "*"
         headers["Access-Control-Expose-Headers"] = READ_EXPOSE
@@ -327,59 +327,19 @@ def rate_headers(rate: model.Rate, how: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- the hit path
-# Sanic sanitises and encodes every header line of every response (about 1 us each). A rate
-# response's lines are constant except its ETag and length, so RateResponse encodes those
-# constant lines once per process; the bytes on the wire are the same.
-def _header_template(how: str) -> Header:
-    return Header({"content-type": JSON_TYPE, "X-Cache": how, "Cache-Control": "no-cache",
-                   "Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": READ_EXPOSE})
-
-
-_RATE_HEADERS = {how: _header_template(how) for how in (model.HIT, model.MISS, model.BYPASS)}
-_CONSTANT_LINES: dict[tuple[str, Any], tuple[bytes, bytes]] = {
-    (name, value): (HTTPResponse._sanitize_header_value(name).encode("ascii"),
-                    HTTPResponse._sanitize_header_value(value).encode())
-    for template in _RATE_HEADERS.values() for name, value in template.items()
+# A rate response's header lines are constant except its ETag and length: they are encoded
+# once per process (internals.PreEncodedResponse; the bytes on the wire are Sanic's own).
+_RATE_HEADERS = {
+    how: internals.constant_headers({
+        "content-type": JSON_TYPE, "X-Cache": how, "Cache-Control": "no-cache",
+        "Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": READ_EXPOSE})
+    for how in (model.HIT, model.MISS, model.BYPASS)
 }
-_CONSTANT_LINES.update({("connection", value): (b"connection", value.encode())
-                        for value in ("keep-alive", "close")})
 
 
-def _header_line(name: str, value: Any) -> tuple[bytes, bytes]:
-    line = _CONSTANT_LINES.get((name, value))
-    if line is not None:
-        return line
-    if name == "ETag":  # model.Rate.etag: '"<version>"', nothing to sanitise
-        return b"ETag", value.encode()
-    if name == "content-length" and type(value) is int:
-        return b"content-length", b"%d" % value
-    sanitise = HTTPResponse._sanitize_header_value  # anything else: as Sanic does it
-    return sanitise(name).encode("ascii"), sanitise(f"{value}").encode(errors="surrogateescape")
-
-
-class RateResponse(HTTPResponse):
-    """200 with a rate's pre-encoded body, ETag, X-Cache, Cache-Control and the read CORS
-    headers; its constant header lines are encoded once per process (see _header_line)."""
-
-    __slots__ = ()
-
-    def __init__(self, rate: model.Rate, how: str) -> None:
-        # HTTPResponse.__init__ minus its throw-away header map; the same attributes.
-        self.asgi = False
-        self.stream = None
-        self._cookies = None
-        self.body = rate.body
-        self.status = 200
-        self.content_type = JSON_TYPE
-        self.headers = headers = Header(_RATE_HEADERS[how])
-        headers["ETag"] = rate.etag
-
-    @property
-    def processed_headers(self) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
-        headers = self.headers
-        if "content-type" not in headers:
-            headers["content-type"] = self.content_type
-        return [_header_line(name, value) for name, value in headers.items()]
+def rate_response(rate: model.Rate, how: str) -> HTTPResponse:
+    """200 with a rate's pre-encoded body, ETag, X-Cache, Cache-Control and read CORS."""
+    return internals.PreEncodedResponse(rate.body, rate.etag, _RATE_HEADERS[how], JSON_TYPE)
 
 
 def etag_matches(header: str, etag: str) -> bool:
@@ -486,7 +446,7 @@ async def rate_get(request: Request, base: str, quote: str) -> HTTPResponse:
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None and etag_matches(if_none_match, rate.etag):
         return HTTPResponse(status=304, headers=rate_headers(rate, how))
-    return RateResponse(rate, how)
+    return rate_response(rate, how)
 
 
 @app.get("/v1/rates", name="rates_list")
@@ -763,6 +723,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    try:
+        internals.check()  # the private framework internals we rely on behave as assumed
+    except internals.InternalsMismatch as exc:
+        print(f"xrates: refusing to start: {exc}", file=sys.stderr)
+        return 2
     if args.workers < 1:
         print("xrates: configuration error: --workers must be >= 1", file=sys.stderr)
         return 2

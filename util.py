@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -27,6 +26,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+import internals
 from sources import SOURCE_NAMES
 
 ROOT = Path(__file__).resolve().parent
@@ -285,11 +285,7 @@ class EmbeddedPostgres:
         self.port = port
         self.durable = durable
         self.max_connections = max_connections  # None: PostgreSQL's default (and lock table)
-        with warnings.catch_warnings():  # pgserver warns about XDG_RUNTIME_DIR on import
-            warnings.simplefilter("ignore")
-            from pgserver._commands import POSTGRES_BIN_PATH
-
-        self.bin = POSTGRES_BIN_PATH
+        self.bin = internals.postgres_bin_path()
         self._user = None
         if os.geteuid() == 0:
             from pgserver.utils import ensure_user_exists
