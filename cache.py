@@ -226,6 +226,13 @@ class RateCache:
         self._lru[key] = Entry(ABSENT_VERSION, None)
         return True
 
+    def unchanged_since(self, token: FillToken) -> bool:
+        """True if no change of the token's key and no flush has been applied since the read
+        began: a read that begins now could not see a newer committed state that this
+        instance knows of (so a concurrent miss may share its result)."""
+        record = self._inflight.get(token.key)
+        return (record is not None and record[1] <= token.tick and token.epoch == self._epoch)
+
     def cancel_fill(self, token: FillToken) -> None:
         """The read failed or was cancelled: just stop tracking it."""
         self._release(token.key)

@@ -210,6 +210,11 @@ def run_from_record(rec: asyncpg.Record) -> dict[str, Any]:
     }
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 # ----------------------------------------------------------------------------- store
 class Store:
     """The rate store of one API instance: data access, and the pure cache it drives from
@@ -225,6 +230,8 @@ class Store:
         self.notifications_applied = 0
         self._closed = False
         self._migrate_task: asyncio.Task | None = None
+        # key -> (token, the database read in flight for it): concurrent misses share it
+        self._reads: dict[str, tuple[FillToken, asyncio.Future]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, url: str) -> None:
@@ -369,12 +376,24 @@ class Store:
         if entry is not None:
             self.hits += 1
             return entry.value, HIT
+        shared = self._reads.get(key)
+        if shared is not None and cache.unchanged_since(shared[0]):
+            # Single flight: a read of this key is in flight and nothing changed since it
+            # began, so its answer is as current as a new read's would be; share it.
+            self.misses += 1
+            return await asyncio.shield(shared[1]), MISS
         token = cache.begin_fill(key)
+        read = asyncio.ensure_future(self.read_rate(base, quote))
+        read.add_done_callback(_retrieve)  # its error is raised to whoever awaits it, if anyone
+        self._reads[key] = (token, read)
         try:
-            rate = await self.read_rate(base, quote)
+            rate = await asyncio.shield(read)
         except BaseException:
             cache.cancel_fill(token)
             raise
+        finally:
+            if self._reads.get(key, (None,))[0] is token:
+                del self._reads[key]
         # A found row is cached at once (guarded by the next heartbeat as its floor); a 404
         # once that heartbeat proves no change of the key was in flight.
         barrier = self._next_heartbeat()

@@ -137,3 +137,55 @@ async def test_a_pool_connection_is_returned_without_a_reset_round_trip(store, d
         "AND state = 'idle'", db)]
     assert queries, "no idle pool connection"
     assert not [q for q in queries if "RESET ALL" in q or "UNLISTEN" in q], queries
+
+
+class CountingStore(model.Store):
+    """A real Store that counts its database reads of single rates; its first read's answer
+    is held back until ``first_read_gate`` is set (when there is one)."""
+
+    reads = 0
+    first_read_gate: asyncio.Event | None = None
+
+    async def read_rate(self, base: str, quote: str):
+        self.reads += 1
+        rate = await super().read_rate(base, quote)
+        if self.reads == 1 and self.first_read_gate is not None:
+            await self.first_read_gate.wait()
+        return rate
+
+
+@pytest.mark.parametrize("present", [True, False], ids=["found", "absent"])
+async def test_concurrent_misses_of_one_key_share_one_database_read(db_url, sql, present) -> None:
+    if present:
+        await sql.execute(INSERT, "USD", "EUR", "1.25")
+    store = CountingStore(_settings(db_url, cache_size=100))
+    await store.start(db_url)
+    try:
+        await wait_for(lambda: _true(store.listener_connected), 10, what="listener up")
+        results = await asyncio.gather(*(store.get_rate("USD", "EUR") for _ in range(20)))
+        assert store.reads == 1
+        assert {(r.rate if r else None, how) for r, how in results} == {
+            ("1.25" if present else None, model.MISS)}
+    finally:
+        await store.close()
+
+
+async def test_a_miss_does_not_share_a_read_that_began_before_a_flush(db_url, sql) -> None:
+    """After a change or a flush, a read already in flight may answer with an older state:
+    a later miss reads again instead of sharing it."""
+    await sql.execute(INSERT, "USD", "EUR", "1.00")
+    store = CountingStore(_settings(db_url, cache_size=100))
+    await store.start(db_url)
+    try:
+        await wait_for(lambda: _true(store.listener_connected), 10, what="listener up")
+        store.first_read_gate = asyncio.Event()
+        first = asyncio.ensure_future(store.get_rate("USD", "EUR"))
+        await wait_for(lambda: _true(store.reads == 1), 5, what="the first read in flight")
+        store.cache.flush()  # e.g. a TRUNCATE's flush arrives meanwhile
+        second = asyncio.ensure_future(store.get_rate("USD", "EUR"))
+        await wait_for(lambda: _true(store.reads == 2), 5, what="a second read, not a shared one")
+        store.first_read_gate.set()
+        (_, first_how), (rate, how) = await first, await second
+        assert (first_how, how, rate.rate) == (model.MISS, model.MISS, "1.00")
+    finally:
+        await store.close()
