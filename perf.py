@@ -43,6 +43,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
+import processes
+
 log = logging.getLogger("xrates.perf")
 
 ROOT = Path(__file__).resolve().parent
@@ -490,27 +492,13 @@ def _cpu_list(cpus: Iterable[int]) -> str:
     return ",".join(str(c) for c in cpus)
 
 
-class Api:
+class Api(processes.ApiServer):
     """One `python sanic_app.py` instance on a free loopback port, stopped by its PID."""
 
     def __init__(self, name: str, db_url: str, workdir: Path, pinning: Pinning,
                  env: dict[str, str] | None = None) -> None:
-        import util
-
+        super().__init__(db_url, workdir, env, name=name, prefix=pinning.api_prefix())
         self.name = name
-        self.port = util.free_port()
-        self.log_path = workdir / f"api-{name}.log"
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
-        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        environment.update({"DATABASE_URL": db_url, "XRATES_AUTO_MIGRATE": "0",
-                            "XRATES_ACCESS_LOG": "0", **(env or {})})
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [*pinning.api_prefix(), sys.executable, "sanic_app.py", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            cwd=ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
     def conn(self) -> HttpConn:
         return HttpConn("127.0.0.1", self.port)
@@ -532,9 +520,6 @@ class Api:
                 raise RuntimeError(f"API {self.name} not ready after {timeout_s}s:\n"
                                    + self.log_tail())
             time.sleep(0.05)  # poll interval, bounded by the deadline above
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def worker_pid(self) -> int:
         """The PID serving requests: the process we started (Sanic runs a single worker in
@@ -559,20 +544,7 @@ class Api:
         raise RuntimeError(f"{name} not in /metrics of API {self.name}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # Sanic's main process stops its worker
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session we created for it
-        self._log.close()
-
-    def server_errors(self) -> list[str]:
-        return [line for line in self.log_path.read_text(errors="replace").splitlines()
-                if "status=500" in line or "event=server_error" in line or "Traceback" in line]
+        self.stop_process()
 
 
 def rss_bytes(pid: int) -> int:

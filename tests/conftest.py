@@ -6,11 +6,9 @@ stopped by PID. Conditions are awaited with deadlines, never with bare sleeps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import processes  # noqa: E402
 import util  # noqa: E402
 
 TEMPLATE_DB = "xrates_template"
@@ -109,25 +108,12 @@ async def sql(db_url: str) -> AsyncIterator[asyncpg.Connection]:
 FAST_HEARTBEAT = {"XRATES_HEARTBEAT_INTERVAL": "0.2", "XRATES_HEARTBEAT_TIMEOUT": "1.0"}
 
 
-class ApiProcess:
-    """One real `python sanic_app.py` instance on a free port."""
+class ApiProcess(processes.ApiServer):
+    """One real `python sanic_app.py` instance on a free port, with an HTTP client."""
 
     def __init__(self, db_url: str, log_dir: Path, env: dict[str, str] | None = None,
                  workers: int = 1, host: str = "127.0.0.1") -> None:
-        self.port = util.free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"api-{self.port}.log"
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
-        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        environment.update({"DATABASE_URL": db_url, "XRATES_AUTO_MIGRATE": "0",
-                            "XRATES_ACCESS_LOG": "0", **FAST_HEARTBEAT, **(env or {})})
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "sanic_app.py", "--host", host, "--port", str(self.port),
-             "--workers", str(workers)],
-            cwd=ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().__init__(db_url, log_dir, {**FAST_HEARTBEAT, **(env or {})}, workers, host)
         self.client = httpx.AsyncClient(base_url=self.base_url, timeout=10.0)
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
@@ -141,34 +127,9 @@ class ApiProcess:
 
         await wait_for(ready, timeout_s, 0.05, f"{self.base_url}/ready")
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     async def stop(self) -> None:
         await self.client.aclose()
-        if self.proc.poll() is None:
-            # SIGTERM to the main process we started (by PID): Sanic stops its own workers.
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        # Anything left in the process group we created (start_new_session) goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
-
-    def server_errors(self) -> list[str]:
-        """Lines showing a 500 or an unexpected traceback. asyncpg's pool logs a traceback
-        when it cannot refill while PostgreSQL is down: expected, and not an error of ours."""
-        errors, previous = [], ""
-        for line in self.log().splitlines():
-            if "status=500" in line or "event=server_error" in line or (
-                    "Traceback" in line and "restore the pool connection floor" not in previous):
-                errors.append(line)
-            previous = line
-        return errors
+        self.stop_process()
 
 
 @pytest.fixture
