@@ -6,6 +6,7 @@ stopped by PID. Conditions are awaited with deadlines, never with bare sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -102,6 +103,29 @@ async def sql(db_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+# --------------------------------------------------------------------------- in-process stores
+def store_settings(db_url: str, **env: str) -> util.Settings:
+    """Settings for an in-process model.Store on ``db_url`` with fast heartbeats."""
+    return util.load_settings({"DATABASE_URL": db_url, "XRATES_AUTO_MIGRATE": "0",
+                               "XRATES_HEARTBEAT_INTERVAL": "0.2",
+                               "XRATES_HEARTBEAT_TIMEOUT": "1.0", **env})
+
+
+@contextlib.asynccontextmanager
+async def running(store: Any, db_url: str) -> AsyncIterator[Any]:
+    """Start a model.Store (or subclass), wait until its listener is up, close it after."""
+    await store.start(db_url)
+    try:
+        await wait_for(lambda: _is(store.listener_connected), 10, what="listener up")
+        yield store
+    finally:
+        await store.close()
+
+
+async def _is(value: object) -> bool:
+    return bool(value)
 
 
 # --------------------------------------------------------------------------- API processes

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from conftest import ApiProcess, answers_200, wait_for
+from conftest import ApiProcess, answers_200, running, store_settings, wait_for
 
 import model
 import util
@@ -88,16 +88,8 @@ class GatedStore(model.Store):
 
 @pytest.fixture
 async def gated(db_url) -> AsyncIterator[GatedStore]:
-    settings = util.load_settings({"DATABASE_URL": db_url, "XRATES_CACHE_SIZE": "2",
-                                   "XRATES_AUTO_MIGRATE": "0", "XRATES_HEARTBEAT_INTERVAL": "0.2",
-                                   "XRATES_HEARTBEAT_TIMEOUT": "1.0"})
-    store = GatedStore(settings)
-    await store.start(db_url)
-    await wait_for(lambda: _true(store.listener_connected), 10, what="listener up")
-    try:
+    async with running(GatedStore(store_settings(db_url, XRATES_CACHE_SIZE="2")), db_url) as store:
         yield store
-    finally:
-        await store.close()
 
 
 async def _true(value: bool) -> bool:

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
-from conftest import wait_for
+from conftest import running, store_settings, wait_for
 
 import model
 import util
@@ -24,20 +24,13 @@ async def _true(value: object) -> bool:
 
 
 def _settings(db_url: str, cache_size: int) -> util.Settings:
-    return util.load_settings({"DATABASE_URL": db_url, "XRATES_CACHE_SIZE": str(cache_size),
-                               "XRATES_AUTO_MIGRATE": "0", "XRATES_HEARTBEAT_INTERVAL": "0.2",
-                               "XRATES_HEARTBEAT_TIMEOUT": "1.0"})
+    return store_settings(db_url, XRATES_CACHE_SIZE=str(cache_size))
 
 
 @pytest.fixture
 async def store(db_url) -> AsyncIterator[model.Store]:
-    store = model.Store(_settings(db_url, cache_size=1))
-    await store.start(db_url)
-    await wait_for(lambda: _true(store.listener_connected), 10, what="listener up")
-    try:
+    async with running(model.Store(_settings(db_url, cache_size=1)), db_url) as store:
         yield store
-    finally:
-        await store.close()
 
 
 _GATED = contextvars.ContextVar("gated", default=False)
@@ -158,26 +151,18 @@ class CountingStore(model.Store):
 async def test_concurrent_misses_of_one_key_share_one_database_read(db_url, sql, present) -> None:
     if present:
         await sql.execute(INSERT, "USD", "EUR", "1.25")
-    store = CountingStore(_settings(db_url, cache_size=100))
-    await store.start(db_url)
-    try:
-        await wait_for(lambda: _true(store.listener_connected), 10, what="listener up")
+    async with running(CountingStore(_settings(db_url, cache_size=100)), db_url) as store:
         results = await asyncio.gather(*(store.get_rate("USD", "EUR") for _ in range(20)))
         assert store.reads == 1
         assert {(r.rate if r else None, how) for r, how in results} == {
             ("1.25" if present else None, model.MISS)}
-    finally:
-        await store.close()
 
 
 async def test_a_miss_does_not_share_a_read_that_began_before_a_flush(db_url, sql) -> None:
     """After a change or a flush, a read already in flight may answer with an older state:
     a later miss reads again instead of sharing it."""
     await sql.execute(INSERT, "USD", "EUR", "1.00")
-    store = CountingStore(_settings(db_url, cache_size=100))
-    await store.start(db_url)
-    try:
-        await wait_for(lambda: _true(store.listener_connected), 10, what="listener up")
+    async with running(CountingStore(_settings(db_url, cache_size=100)), db_url) as store:
         store.first_read_gate = asyncio.Event()
         first = asyncio.ensure_future(store.get_rate("USD", "EUR"))
         await wait_for(lambda: _true(store.reads == 1), 5, what="the first read in flight")
@@ -187,5 +172,3 @@ async def test_a_miss_does_not_share_a_read_that_began_before_a_flush(db_url, sq
         store.first_read_gate.set()
         (_, first_how), (rate, how) = await first, await second
         assert (first_how, how, rate.rate) == (model.MISS, model.MISS, "1.00")
-    finally:
-        await store.close()
