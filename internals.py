@@ -91,7 +91,7 @@ class PreEncodedResponse(HTTPResponse):
 def _check_sanic() -> None:
     for template in _TEMPLATES or [constant_headers({"X-Check": "1"})]:
         fast = PreEncodedResponse(b'{"check":1}', '"123"', template)
-        fast.headers["content-length"] = len(fast.body)
+        fast.headers["content-length"] = len(b'{"check":1}')
         fast.headers["connection"] = "keep-alive"
         plain = HTTPResponse(fast.body, status=200, headers=dict(fast.headers),
                              content_type=fast.content_type)
@@ -126,16 +126,19 @@ def _check_prometheus() -> None:
             counts[next(i for i, bound in enumerate(bounds) if value <= bound)] += 1
         counts[-1] = sum(values)
         add_histogram_counts(bulk, bounds, counts)
-        same = ([(s.name.replace("bulk", ""), s.value) for s in bulk.collect()[0].samples
-                 if not s.name.endswith("_created")]
-                == [(s.name.replace("each", ""), s.value) for s in each.collect()[0].samples
-                    if not s.name.endswith("_created")])
+        same = _samples(bulk, "bulk") == _samples(each, "each")
     except (AttributeError, TypeError, ValueError) as exc:
         raise InternalsMismatch(f"prometheus_client: bulk histogram counts do not work on this "
                                 f"version ({type(exc).__name__}: {exc})") from exc
     if not same:
         raise InternalsMismatch("prometheus_client: bulk histogram counts differ from observe() "
                                 "on this version")
+
+
+def _samples(histogram: Histogram, name: str) -> list[tuple[str, float]]:
+    [metric] = list(histogram.collect())
+    return [(s.name.replace(name, ""), s.value) for s in metric.samples
+            if not s.name.endswith("_created")]
 
 
 # ----------------------------------------------------------------------------- pgserver

@@ -787,6 +787,7 @@ class Bench:
         script = self.workdir / f"wrk-{len(paths)}.lua"
         if not script.exists():
             script.write_text(WRK_SCRIPT % ", ".join(json.dumps(p) for p in paths))
+        assert self.wrk is not None  # phases needing wrk are skipped without it
         command = [*self.pinning.load_prefix(), self.wrk, "-t1", f"-c{self.config.wrk_connections}",
                    f"-d{self.config.wrk_s:g}s", "--timeout", "2s", "-s", str(script),
                    f"http://127.0.0.1:{api.port}"]
@@ -809,7 +810,7 @@ class Bench:
         order = list(kinds)
         runs: list[dict[str, Any]] = []
         for run in range(self.config.repeats):
-            result = {}
+            result: dict[str, Any] = {}
             for kind in order[run % 3:] + order[:run % 3]:
                 api, paths = kinds[kind]
                 result[kind] = self.wrk_run(api, paths)
@@ -871,7 +872,7 @@ class Bench:
         self.say(f"alternating batches of {config.batch}: {config.repeats} x (control "
                  f"{config.alternate_control_s:g}s, hit {config.alternate_hit_s:g}s)")
         conn = api.conn()
-        runs = []
+        runs: list[dict[str, Any]] = []
         try:
             ceiling = self.pipelined(conn, [CEILING_PATH])
             hot = self.pipelined(conn, [rate_path(p) for p in self.hot])
@@ -882,7 +883,7 @@ class Bench:
             for run in range(config.repeats):
                 control = self.alternate(conn, ceiling, ceiling, config.alternate_control_s)
                 hit = self.alternate(conn, ceiling, hot, config.alternate_hit_s)
-                runs.append({"control": control.__dict__, "hit": hit.__dict__,
+                runs.append({"control": dict(control.__dict__), "hit": dict(hit.__dict__),
                              "valid": control_valid(control)})
                 self.say(f"  run {run + 1}: control {control.ratio:.3f} "
                          f"[{control.low:.3f}, {control.high:.3f}], hit/ceiling {hit.ratio:.3f} "
@@ -939,7 +940,8 @@ class Bench:
                     writes.append(t_ack - t_send)
                     first_poll += polls == 1
                     not_hit += seen.get("x-cache") != "hit"
-                result = {"floor": summary_ms(floor), "after_ack": summary_ms(after_ack),
+                result: dict[str, Any] = {
+                          "floor": summary_ms(floor), "after_ack": summary_ms(after_ack),
                           "after_send": summary_ms(after_send), "write": summary_ms(writes),
                           "first_poll_fraction": first_poll / len(after_ack), "not_hit": not_hit}
                 result["p99_vs_floor_p99"] = result["after_ack"]["p99_ms"] / result["floor"]["p99_ms"]
