@@ -81,6 +81,41 @@ SELECT_RUNS = (
     "WHERE ($2::text IS NULL OR status = $2) ORDER BY id DESC LIMIT $1"
 )
 
+# ----- /v1/convert through intermediates, GET /v1/sources
+# Every current rate with its source, for the path search (convert.py): one row per pair, a
+# few thousand at most. rate as numeric: asyncpg gives an exact Decimal.
+SELECT_PATH_RATES = "SELECT base, quote, rate, source FROM rate"
+# Per source ($1, in that order): the newest finished run where it had no error (its time and
+# the currencies it quoted), the newest where it failed (time and error text), and when the
+# leader's next scheduled run is due, only while some session holds the leader lock ($2).
+_NEWEST_SOURCE_RESULT = (
+    "SELECT finished_at, sources -> s.name AS result FROM update_run "
+    "WHERE finished_at IS NOT NULL AND sources ? s.name "
+    "AND (sources -> s.name ->> 'error') IS {} NULL "
+    "ORDER BY finished_at DESC, id DESC LIMIT 1"
+)
+SELECT_SOURCE_STATUS = (
+    "SELECT s.name, ok.finished_at AS last_success, "
+    "(ok.result -> 'currencies')::text AS currencies, "
+    "bad.finished_at AS last_error_at, bad.result ->> 'error' AS last_error, "
+    "(SELECT next_run FROM updater_schedule WHERE EXISTS ("
+    "SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND l.classid = ($2::bigint >> 32)::oid AND l.objid = ($2::bigint & 4294967295)::oid)"
+    ") AS next_run "
+    "FROM unnest($1::text[]) WITH ORDINALITY AS s(name, position) "
+    f"LEFT JOIN LATERAL ({_NEWEST_SOURCE_RESULT.format('')}) ok ON true "
+    f"LEFT JOIN LATERAL ({_NEWEST_SOURCE_RESULT.format('NOT')}) bad ON true "
+    "ORDER BY s.position"
+)
+# The leader's next scheduled run (one row, replaced by each leader at each scheduled run).
+RECORD_NEXT_RUN = (
+    "INSERT INTO updater_schedule (singleton, next_run, runner) "
+    "VALUES (true, now() + $1 * interval '1 second', $2) "
+    "ON CONFLICT (singleton) DO UPDATE "
+    "SET next_run = EXCLUDED.next_run, runner = EXCLUDED.runner, updated_at = now()"
+)
+
 
 # ----------------------------------------------------------------------------- errors
 class XratesError(Exception):
@@ -213,6 +248,31 @@ def run_from_record(rec: asyncpg.Record) -> dict[str, Any]:
 def _retrieve(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
+
+
+
+def rate_source(rate: Rate) -> str:
+    """The source of a served rate (kept only in its body, see Rate)."""
+    return json.loads(rate.body)["source"]
+
+
+def source_status_from_record(rec: asyncpg.Record) -> dict[str, Any]:
+    """One row of SELECT_SOURCE_STATUS as GET /v1/sources shows it."""
+    def ts(value: datetime | None) -> str | None:
+        return iso(value) if value is not None else None
+
+    currencies = json.loads(rec["currencies"]) if rec["currencies"] is not None else []
+    last_error = None
+    if rec["last_error_at"] is not None:
+        last_error = {"message": rec["last_error"], "at": ts(rec["last_error_at"])}
+    return {
+        "name": rec["name"],
+        "currencies": sorted(c for c in currencies if isinstance(c, str)) if isinstance(
+            currencies, list) else [],
+        "last_success": ts(rec["last_success"]),
+        "last_error": last_error,
+        "next_run": ts(rec["next_run"]),
+    }
 
 
 # ----------------------------------------------------------------------------- store
@@ -465,6 +525,20 @@ class Store:
     async def list_runs(self, limit: int, status: str | None) -> list[dict[str, Any]]:
         return [run_from_record(r) for r in await self._fetch(SELECT_RUNS, limit, status)]
 
+    # -- /v1/convert through intermediates, GET /v1/sources ------------------------------
+    async def path_rates(self) -> list[tuple[str, str, Decimal, str]]:
+        """Every current rate as (base, quote, exact rate, source), for convert.py."""
+        return [(r["base"], r["quote"], r["rate"], r["source"])
+                for r in await self._fetch(SELECT_PATH_RATES)]
+
+    async def source_status(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """Per source, in ``names`` order: ``currencies`` (sorted codes of its newest
+        successful run, [] if none), ``last_success`` (that run's finished_at), ``last_error``
+        ({"message", "at"} of its newest failed run, or None) and ``next_run`` (the leader's
+        next scheduled run, None while no updater leads). Times are ISO 8601 UTC or None."""
+        records = await self._fetch(SELECT_SOURCE_STATUS, list(names), LEADER_LOCK_KEY)
+        return [source_status_from_record(r) for r in records]
+
     # -- health -------------------------------------------------------------------------
     @property
     def listener_connected(self) -> bool:
@@ -580,7 +654,7 @@ async def insert_started_run(conn: asyncpg.Connection, trigger: str, runner: str
 
 async def record_source_result(conn: asyncpg.Connection, run_id: int, source: str,
                                result: dict[str, Any]) -> None:
-    """Count one more source done and store its {fetched, changed, error}."""
+    """Count one more source done and store its {fetched, changed, error, currencies}."""
     await conn.execute(RECORD_SOURCE_RESULT, run_id, source, json.dumps(result))
 
 
@@ -592,6 +666,11 @@ async def finish_run(conn: asyncpg.Connection, run_id: int, status: str,
 
 async def get_updater_run(conn: asyncpg.Connection, run_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(SELECT_UPDATER_RUN, run_id)
+
+
+async def record_next_run(conn: asyncpg.Connection, in_s: float, runner: str) -> None:
+    """The leader's next scheduled run is due ``in_s`` seconds from now (GET /v1/sources)."""
+    await conn.execute(RECORD_NEXT_RUN, in_s, runner)
 
 
 async def queue_manual_run(conn: asyncpg.Connection,

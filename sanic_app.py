@@ -21,7 +21,8 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Context, Decimal
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from sanic import Request, Sanic
@@ -31,9 +32,11 @@ from sanic_ext import Extend, openapi
 from sanic_ext.extensions.http.extension import HTTPExtension
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 
+import convert as convert_paths  # "convert" is the route's name below
 import internals
 import metrics
 import model
+import sources as source_registry  # GET /v1/sources: public metadata
 import util
 from sources import MAX_DIGITS, MAX_RATE, MIN_RATE, significant_digits  # the SPEC §3 rate rules
 
@@ -45,13 +48,10 @@ util.setup_logging(SETTINGS)
 MAX_BODY_BYTES = 64 * 1024
 JSON_TYPE = "application/json"
 RUN_STATUSES = ("queued", "running", "succeeded", "failed")
-PIVOT_FIRST = ("EUR", "USD")
 
 _CODE = re.compile(r"[A-Za-z]{3}\Z")
 _DECIMAL_TEXT = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)\Z")
 _SOURCE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
-_WIDE = Context(prec=60, rounding=ROUND_HALF_EVEN)  # intermediate precision for convert
-_RESULT = Context(prec=MAX_DIGITS, rounding=ROUND_HALF_EVEN)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -524,46 +524,29 @@ async def rate_delete(request: Request, base: str, quote: str) -> HTTPResponse:
 
 
 # ----------------------------------------------------------------------------- routes: convert
-def _leg(rates: dict[tuple[str, str], Decimal], a: str, b: str) -> Decimal | None:
-    """Price of one a in b: direct, else the inverse of b→a."""
-    if (a, b) in rates:
-        return rates[(a, b)]
-    if (b, a) in rates:
-        return _WIDE.divide(1, rates[(b, a)])
-    return None
-
-
-def find_path(rates: dict[tuple[str, str], Decimal], src: str, dst: str
-              ) -> tuple[Decimal, list[str]] | None:
-    """Direct, then inverse, then one pivot (EUR, USD, then the others A–Z)."""
-    direct = _leg(rates, src, dst)
-    if direct is not None:
-        return direct, []
-    neighbours = {c for pair in rates for c in pair if src in pair or dst in pair} - {src, dst}
-    ordered = [p for p in PIVOT_FIRST if p in neighbours]
-    ordered += sorted(neighbours - set(PIVOT_FIRST))
-    for pivot in ordered:
-        first, second = _leg(rates, src, pivot), _leg(rates, pivot, dst)
-        if first is not None and second is not None:
-            return _WIDE.multiply(first, second), [pivot]
-    return None
-
-
-def plain(number: Decimal) -> str:
+def plain(number: Decimal | Fraction) -> str:
     """Round once to 15 significant digits, half-even; as a JSON number without exponent."""
-    return format(_RESULT.plus(number).normalize(_RESULT), "f")
+    return convert_paths.plain(number)
+
+
+CONVERT_SCHEMA = {
+    "type": "object", "properties": {
+        "from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "number"},
+        "rate": {"type": "number"}, "result": {"type": "number"},
+        "via": {"type": "array", "maxItems": convert_paths.MAX_INTERMEDIATES,
+                "items": {"type": "string"}}}}
 
 
 @app.get("/v1/convert", name="convert")
 @openapi.definition(
-    summary="Convert an amount: direct, inverse, or through one pivot currency",
+    summary="Convert an amount: direct, inverse, or through up to two intermediate currencies",
+    description="Paths rank by fewer hops, then the priority of their lowest-priority leg "
+                "(manual, then XRATES_SOURCES order), then fewer inverted legs (a direct leg "
+                "first), then intermediates EUR, USD, then A-Z; `via` lists them in order. "
+                "Exact arithmetic, rounded once to 15 significant digits (half-even).",
     parameter=_query_params("from", "to", "amount"),
-    response=_responses((200, "the conversion", {
-        "type": "object", "properties": {
-            "from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "number"},
-            "rate": {"type": "number"}, "result": {"type": "number"},
-            "via": {"type": "array", "items": {"type": "string"}}}}),
-        (404, "no path between the currencies", None), *_ERRORS_READ),
+    response=_responses((200, "the conversion", CONVERT_SCHEMA),
+                        (404, "no path between the currencies", None), *_ERRORS_READ),
 )
 async def convert(request: Request) -> HTTPResponse:
     src, dst = query_arg(request, "from"), query_arg(request, "to")
@@ -579,28 +562,89 @@ async def convert(request: Request) -> HTTPResponse:
     store = store_of(request)
     path = await _cached_path(store, src, dst)
     if path is None:
-        rates = {(r.base, r.quote): r.decimal for r in await store.rates_touching([src, dst])}
-        path = find_path(rates, src, dst)
+        path = convert_paths.find_path(await store.path_rates(), src, dst, SETTINGS.sources)
     if path is None:
-        raise ApiError(404, f"no rate path from {src} to {dst} (direct, inverse or one pivot)")
-    rate, via = path
+        raise ApiError(404, f"no rate path from {src} to {dst} "
+                            "(direct, inverse or through up to two currencies)")
+    rate, result = convert_paths.convert(amount, path)
     # Built by hand: the numbers are exact decimal literals, which json.dumps cannot write.
     body = (
         f'{{"from":"{src}","to":"{dst}","amount":{plain(amount)},"rate":{plain(rate)},'
-        f'"result":{plain(_WIDE.multiply(amount, rate))},"via":{json.dumps(via)}}}'
+        f'"result":{plain(result)},"via":{json.dumps(path.via)}}}'
     ).encode()
     return HTTPResponse(body, content_type=JSON_TYPE, headers={"Cache-Control": "no-cache"})
 
 
-async def _cached_path(store: model.Store, src: str, dst: str) -> tuple[Decimal, list[str]] | None:
-    """Direct or inverse through the cache; None sends the caller to the pivot search."""
+async def _cached_path(store: model.Store, src: str, dst: str) -> convert_paths.Path | None:
+    """Direct or inverse through the cache; None sends the caller to the full search. When
+    both rows exist, convert.py ranks them (priority first, then direct before inverse)."""
     direct, _ = await store.get_rate(src, dst)
-    if direct is not None:
-        return direct.decimal, []
     inverse, _ = await store.get_rate(dst, src)
-    if inverse is not None:
-        return _WIDE.divide(1, inverse.decimal), []
-    return None
+    found = [rate for rate in (direct, inverse) if rate is not None]
+    if not found:
+        return None
+    rows = [(rate.base, rate.quote, rate.decimal,
+             model.rate_source(rate) if len(found) == 2 else "") for rate in found]
+    return convert_paths.find_path(rows, src, dst, SETTINGS.sources, max_intermediates=0)
+
+
+# ----------------------------------------------------------------------------- routes: sources
+DEMO_METADATA = {  # the offline source has no Source entry in sources.FEEDS
+    "title": "Offline demo: a deterministic random walk around ECB reference rates",
+    "country": None, "url": None, "pivot": "EUR", "base_direction": source_registry.FOREIGN_PER_PIVOT,
+    "cadence": "a new value every XRATES_INTERVAL seconds (offline)",
+}
+_NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
+SOURCE_SCHEMA = {
+    "type": "object",
+    "required": ["name", "title", "country", "url", "pivot", "base_direction", "cadence",
+                 "currencies", "last_success", "last_error", "next_run"],
+    "properties": {
+        "name": {"type": "string", "example": "ecb"},
+        "title": {"type": "string"},
+        "country": {"type": "string", "nullable": True, "example": "EU"},
+        "url": {"type": "string", "nullable": True,
+                "description": "the public URL (never an XRATES_<SOURCE>_URL override)"},
+        "pivot": {"type": "string", "example": "EUR"},
+        "base_direction": {"type": "string", "enum": [source_registry.FOREIGN_PER_PIVOT,
+                                                      source_registry.PIVOT_PER_FOREIGN]},
+        "cadence": {"type": "string"},
+        "currencies": {"type": "array", "items": {"type": "string"},
+                       "description": "sorted codes of its newest successful run"},
+        "last_success": _NULLABLE_TIME,
+        "last_error": {"type": "object", "nullable": True, "properties": {
+            "message": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}},
+        "next_run": _NULLABLE_TIME,
+    },
+}
+
+
+def source_metadata(name: str) -> dict[str, Any]:
+    """What sources.py says about a source: public facts only (no configured override)."""
+    if name == "demo":
+        return {"name": name, **DEMO_METADATA}
+    feed = source_registry.FEEDS[name]
+    return {"name": name, "title": feed.title, "country": feed.country, "url": feed.url,
+            "pivot": feed.pivot, "base_direction": feed.base_direction, "cadence": feed.cadence}
+
+
+@app.get("/v1/sources", name="sources_list")
+@openapi.definition(
+    summary="The configured sources (XRATES_SOURCES order): metadata and latest outcomes",
+    description="`currencies` and `last_success` come from the newest finished update run in "
+                "which the source had no error, `last_error` from the newest one in which it "
+                "failed; `next_run` is when the leading updater's next scheduled run is due "
+                "(null while no updater leads).",
+    response=_responses((200, "the sources", {
+        "type": "object", "properties": {"sources": {"type": "array", "items": SOURCE_SCHEMA}}}),
+        (503, "database unavailable", None)),
+)
+async def sources_list(request: Request) -> HTTPResponse:
+    names = SETTINGS.sources
+    status = await store_of(request).source_status(names)
+    listed = [{**source_metadata(name), **outcome} for name, outcome in zip(names, status,
+                                                                              strict=True)]
+    return json_response({"sources": listed}, cache_control="no-cache")
 
 
 # ----------------------------------------------------------------------------- routes: updates

@@ -291,3 +291,13 @@ END $$;
 
 CREATE OR REPLACE TRIGGER update_run_notify_queued AFTER INSERT ON update_run
     FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION update_run_notify_queued();
+
+-- When the leading updater's next scheduled run is due (GET /v1/sources "next_run"). One row:
+-- each leader replaces it whenever it starts a scheduled run (updater.py). The API shows it only
+-- while some session holds the leader lock, so a dead leader's promise is never reported.
+CREATE TABLE IF NOT EXISTS updater_schedule (
+    singleton  boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    next_run   timestamptz NOT NULL,
+    runner     text        NOT NULL,  -- the leader that recorded it (host:pid)
+    updated_at timestamptz NOT NULL DEFAULT now()
+);

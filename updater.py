@@ -299,6 +299,7 @@ class Updater:
                 run = await model.insert_started_run(conn, "schedule", self.runner, total)
                 jitter = random.uniform(1 - JITTER, 1 + JITTER)
                 next_due = started + self.settings.interval_s * jitter
+                await model.record_next_run(conn, next_due - loop.time(), self.runner)
             if run is not None:
                 await self._execute(run)
                 continue
@@ -417,13 +418,16 @@ class Updater:
                         f"{type(exc).__name__}: {exc}")
 
     async def _run_source(self, conn: asyncpg.Connection, name: str) -> dict[str, Any]:
-        """Fetch, parse, guard and write one source; its {fetched, changed, error}."""
+        """Fetch, parse, guard and write one source; its {fetched, changed, error, currencies}
+        (``currencies``: the sorted codes of the quotes fetched, the pivot included)."""
         started = time.perf_counter()
         fetched = changed = 0
         error: str | None = None
+        currencies: list[str] = []
         try:
             quotes = dedupe(await self._interruptible(self._fetch_quotes(name)))
             fetched = len(quotes)
+            currencies = sorted({code for q in quotes for code in (q.base, q.quote)})
             changed = await self._write(conn, name, quotes)
         except (sources.SourceError, JumpRejected) as exc:
             error = str(exc)
@@ -443,7 +447,7 @@ class Updater:
         else:
             log.warning("event=source_failed source=%s fetched=%d ms=%.0f error=%r", name,
                         fetched, ms, error)
-        return {"fetched": fetched, "changed": changed, "error": error}
+        return {"fetched": fetched, "changed": changed, "error": error, "currencies": currencies}
 
     async def _interruptible(self, work: Awaitable[T]) -> T:
         """Await ``work`` unless stop() or the loss of the lock comes first (then cancel it)."""

@@ -199,6 +199,52 @@ async def test_convert_prefers_eur_then_usd_then_alphabetical(api: httpx.AsyncCl
 
 
 # --------------------------------------------------------------------------- headers
+async def test_convert_through_two_intermediates(api: httpx.AsyncClient) -> None:
+    # GBP→JPY has no pair and no common neighbour: GBP→EUR (inverse), EUR→USD, USD→JPY.
+    await put(api, "EUR", "GBP", "0.85")
+    await put(api, "EUR", "USD", "1.08")
+    await put(api, "USD", "JPY", "150")
+    response = await api.get("/v1/convert", params={"from": "GBP", "to": "JPY", "amount": "3"})
+    assert response.status_code == 200
+    body = json.loads(response.text, parse_float=Decimal)
+    assert body["via"] == ["EUR", "USD"]
+    assert body["rate"] == Decimal("190.588235294118")  # 1.08 × 150 / 0.85, rounded once
+    assert body["result"] == Decimal("571.764705882353")  # from the exact rate, not the rounded
+    assert body["amount"] == 3
+    back = json.loads((await api.get("/v1/convert", params={"from": "JPY", "to": "GBP"})).text,
+                      parse_float=Decimal)
+    assert back["via"] == ["USD", "EUR"]
+    assert back["rate"] == Decimal("0.00524691358024691")  # 0.85 / (1.08 × 150)
+    # A one-intermediate path appears: it wins over the two-intermediate one.
+    await put(api, "GBP", "CHF", "1.1")
+    await put(api, "CHF", "JPY", "170")
+    assert (await api.get("/v1/convert", params={"from": "GBP", "to": "JPY"})).json()["via"] == [
+        "CHF"]
+    # Three intermediates are too many.
+    await put(api, "AAA", "BBB", "2")
+    await put(api, "BBB", "CCC", "2")
+    await put(api, "CCC", "DDD", "2")
+    await put(api, "DDD", "EEE", "2")
+    missing = await api.get("/v1/convert", params={"from": "AAA", "to": "EEE"})
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "error": "no rate path from AAA to EEE (direct, inverse or through up to two currencies)"}
+    assert (await api.get("/v1/convert", params={"from": "AAA", "to": "DDD"})).json()["via"] == [
+        "BBB", "CCC"]
+
+
+async def test_convert_ranks_a_pair_stored_both_ways_by_priority(api: httpx.AsyncClient) -> None:
+    # The module's instance runs with the default XRATES_SOURCES=demo: manual outranks ecb.
+    await put(api, "EUR", "USD", "1.08", source="ecb")
+    assert (await api.get("/v1/convert", params={"from": "EUR", "to": "USD"})).json()["rate"] == 1.08
+    await put(api, "USD", "EUR", "0.8")
+    body = (await api.get("/v1/convert", params={"from": "EUR", "to": "USD"})).json()
+    assert (body["rate"], body["via"]) == (1.25, [])  # the manual row, inverted
+    await put(api, "USD", "EUR", "0.8", source="ecb")
+    body = (await api.get("/v1/convert", params={"from": "EUR", "to": "USD"})).json()
+    assert (body["rate"], body["via"]) == (1.08, [])  # equal priority: direct first
+
+
 async def test_cors_is_for_reads_only(api: httpx.AsyncClient) -> None:
     read = await api.get("/health", headers={"Origin": "https://example.com"})
     assert read.headers["access-control-allow-origin"] == "*"

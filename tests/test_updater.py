@@ -241,6 +241,11 @@ def finished_run(sql: asyncpg.Connection, run_id: int) -> Callable[[], Awaitable
     return check
 
 
+def counts(result: dict[str, Any]) -> dict[str, Any]:
+    """A source result without its currency list."""
+    return {k: v for k, v in result.items() if k != "currencies"}
+
+
 async def insert_rate(sql: asyncpg.Connection, base: str, quote: str, rate: str, source: str,
                       as_of: datetime) -> None:
     await sql.execute("INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1,$2,$3,$4,$5)",
@@ -303,9 +308,13 @@ async def test_run_writes_real_feeds_and_records_the_run(make_updater, upstream,
     # Feeds overlap: EUR/CAD (ecb and boc) stays ecb's, USD/UAH and EUR/UAH (nbu and privatbank)
     # stay nbu's, as the earlier source in XRATES_SOURCES outranks the later one.
     changed = {**expected, "boc": 22, "privatbank": 0}
+    codes = {name: sorted({c for q in FEEDS[name].parse(payload(path)) for c in (q.base, q.quote)})
+             for name, path in DEFAULT_PAYLOADS.items()}
     assert run["sources"] == {
-        name: {"fetched": n, "changed": changed[name], "error": None} for name, n in expected.items()
+        name: {"fetched": n, "changed": changed[name], "error": None, "currencies": codes[name]}
+        for name, n in expected.items()
     }
+    assert "EUR" in codes["ecb"] and "UAH" in codes["nbu"]  # the pivot is one of the codes
     stored = await rates(sql)
     assert len(stored) == sum(changed.values())
     assert stored[("EUR", "CAD")]["source"] == "ecb"
@@ -417,8 +426,8 @@ async def test_source_priority_and_as_of(make_updater, upstream, sql) -> None:
     run = await updater.run_once()
     # EUR/USD would be a 78 % jump: the guard must not look at rows the feed may not touch.
     assert run["status"] == "succeeded", run
-    assert run["sources"]["ecb"] == {"fetched": 30, "changed": 28, "error": None}
-    assert run["sources"]["nbu"] == {"fetched": 45, "changed": 44, "error": None}
+    assert counts(run["sources"]["ecb"]) == {"fetched": 30, "changed": 28, "error": None}
+    assert counts(run["sources"]["nbu"]) == {"fetched": 45, "changed": 44, "error": None}
     stored = await rates(sql)
 
     def summary(pair: tuple[str, str]) -> tuple[str, str]:
@@ -499,7 +508,7 @@ async def test_queued_run_waits_for_an_updater_and_runs_requested_sources(
         assert run["status"] == "failed" and run["trigger"] == "manual"
         assert (run["progress_done"], run["progress_total"]) == (2, 2)
         result = json.loads(run["sources"])
-        assert result["cbr"] == {"fetched": 43, "changed": 42, "error": None}
+        assert counts(result["cbr"]) == {"fetched": 43, "changed": 42, "error": None}
         assert result["nosuch"]["error"] == "unknown source 'nosuch'"
         # cbr is not configured, so it ranks below ecb: EUR/RUB stays ecb's.
         assert (await rates(sql))[("EUR", "RUB")]["source"] == "ecb"
