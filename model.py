@@ -37,10 +37,6 @@ SELECT_RATES = (
     "WHERE ($1::text IS NULL OR base = $1) AND ($2::text IS NULL OR quote = $2) "
     "ORDER BY base, quote"
 )
-SELECT_RATES_TOUCHING = (
-    f"SELECT {_RATE_COLUMNS} FROM rate "
-    "WHERE base = ANY($1::text[]) OR quote = ANY($1::text[])"
-)
 INSERT_RATE = (
     "INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1, $2, $3, $4, $5) "
     f"RETURNING {_RATE_COLUMNS}"
@@ -471,10 +467,6 @@ class Store:
 
     async def list_rates(self, base: str | None, quote: str | None) -> list[Rate]:
         return [rate_from_record(r) for r in await self._fetch(SELECT_RATES, base, quote)]
-
-    async def rates_touching(self, codes: Sequence[str]) -> list[Rate]:
-        """Every stored rate whose base or quote is one of ``codes`` (for pivots)."""
-        return [rate_from_record(r) for r in await self._fetch(SELECT_RATES_TOUCHING, list(codes))]
 
     # -- writes (each applied to this instance's cache as it returns: read your own writes) --
     async def create_rate(self, base: str, quote: str, rate: Decimal, source: str,
