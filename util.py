@@ -511,7 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         print(EmbeddedPostgres(settings.data_dir).start())
         return 0
     if args.command == "flush":
-        version = asyncio.run(flush_caches(database_url(settings)))
+        url = database_url(settings)
+        try:
+            version = asyncio.run(flush_caches(url))
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            print(f"xrates: flush not sent: {type(exc).__name__}: {exc} "
+                  f"(database {redact_url(url)})", file=sys.stderr)
+            return 1
         print(f"flush sent: every API instance drops its cache (version {version})")
         return 0
     asyncio.run(migrate(database_url(settings)))
