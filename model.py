@@ -9,6 +9,7 @@ import asyncio
 import functools
 import json
 import logging
+import random
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -29,7 +30,13 @@ RUNS_CHANNEL = "xrates_runs"
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
 
 # ----------------------------------------------------------------------------- SQL
-_RATE_COLUMNS = "base, quote, rate::text AS rate, source, as_of, updated_at, version"
+# Timestamps as the text to_json gives (ISO 8601 whatever the session's DateStyle, the same text
+# the notification payloads carry): a value Python's datetime cannot hold ('infinity', year
+# 10000, BC), which plain SQL can store, then still reads, is served as that text (_iso_text).
+_RATE_COLUMNS = (
+    "base, quote, rate::text AS rate, source, to_json(as_of) #>> '{}' AS as_of, "
+    "to_json(updated_at) #>> '{}' AS updated_at, version"
+)
 
 SELECT_RATE = f"SELECT {_RATE_COLUMNS} FROM rate WHERE base = $1 AND quote = $2"
 SELECT_RATES = (
@@ -49,6 +56,14 @@ UPSERT_RATE = (
 )
 DELETE_RATE = "SELECT rate_delete($1, $2)"  # returns the tombstone's version, or NULL
 NOTIFY = "SELECT pg_notify($1, $2)"
+# `python util.py flush`: every instance forgets its cache (listener.py, op "flush"). For writes
+# that bypassed the notify triggers (session_replication_role = replica, DISABLE TRIGGER). The
+# fresh version keeps the payload unique (PostgreSQL folds identical payloads of a transaction).
+FLUSH_CACHES = (
+    "WITH v AS (SELECT nextval('rate_version_seq') AS version) "
+    "SELECT version, pg_notify($1, '{\"op\":\"flush\",\"version\":' || version "
+    "|| ',\"reason\":\"operator\"}') FROM v"
+)
 PING = "SELECT 1 FROM rate LIMIT 0"  # also proves the schema is there
 NOTIFY_QUEUE_USAGE = "SELECT pg_notification_queue_usage()"
 
@@ -144,7 +159,7 @@ _UNAVAILABLE = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.QueryCanceledError,
-    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.DeadlockDetectedError,  # only once the retries below are used up
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.InternalClientError,
@@ -153,6 +168,14 @@ _UNAVAILABLE = (
     asyncpg.exceptions.UndefinedTableError,
     asyncpg.exceptions.UndefinedFunctionError,
 )
+
+
+# A statement that lost a deadlock or a serialization conflict was rolled back whole (every
+# pooled statement is its own transaction), so running it again is safe; the user's opposite-
+# order transaction that won has usually committed by then.
+_RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+RETRY_ATTEMPTS = 3  # attempts in all, within one database timeout
+RETRY_BACKOFF_S = 0.005  # first pause (doubled each time), jittered
 
 
 # ----------------------------------------------------------------------------- values
@@ -191,14 +214,17 @@ def _json_text(text: str) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def _iso_text(text: str) -> str:
-    """iso() of a timestamp as PostgreSQL wrote it into a payload (in the writer's TimeZone).
-    Memoised: a bulk write's rows share their updated_at (and usually their as_of)."""
-    return iso(datetime.fromisoformat(text))
+    """iso() of a timestamp as PostgreSQL's to_json wrote it (in the writer's TimeZone).
+    Memoised: a bulk write's rows share their updated_at (and usually their as_of).
 
-
-@functools.lru_cache(maxsize=1024)
-def _iso_datetime(moment: datetime) -> str:
-    return iso(moment)
+    A value outside Python's datetime ('infinity', year 10000, BC) is served as PostgreSQL's
+    own text, with one warning line per distinct value (while memoised), rather than failing
+    the read (a 500) or the notification (a listener reconnect)."""
+    try:
+        return iso(datetime.fromisoformat(text))
+    except (ValueError, OverflowError):
+        log.warning("event=timestamp_unparsed value=%r action=served_as_text", text[:40])
+        return json.dumps(text)[1:-1]  # inside the body's quotes: escaped like any JSON string
 
 
 def make_rate(base: str, quote: str, rate: str, source: str, as_of: str, updated_at: str,
@@ -212,8 +238,9 @@ def make_rate(base: str, quote: str, rate: str, source: str, as_of: str, updated
 
 
 def rate_from_record(rec: asyncpg.Record) -> Rate:
+    """A Rate from a row of ``_RATE_COLUMNS`` (timestamps as text)."""
     return make_rate(rec["base"], rec["quote"], rec["rate"], rec["source"],
-                     _iso_datetime(rec["as_of"]), _iso_datetime(rec["updated_at"]), rec["version"])
+                     _iso_text(rec["as_of"]), _iso_text(rec["updated_at"]), rec["version"])
 
 
 def rate_from_notification(row: list) -> Rate:
@@ -378,23 +405,38 @@ class Store:
 
     # -- database calls -----------------------------------------------------------------
     async def _call(self, method: str, sql: str, *args: Any) -> Any:
-        """Run one statement on a pooled connection, bounded by the database timeout."""
+        """Run one statement on a pooled connection, bounded by the database timeout.
+
+        A statement that loses a deadlock or a serialization failure is retried (up to
+        ``RETRY_ATTEMPTS`` in all, with a short jittered pause), still within that timeout."""
         if self.pool is None:
             raise Unavailable("database not connected yet")
         try:
             async with asyncio.timeout(self.timeout_s):
-                async with self.pool.acquire() as conn:
+                for attempt in range(1, RETRY_ATTEMPTS + 1):
                     try:
-                        return await getattr(conn, method)(sql, *args)
-                    finally:
-                        if conn.is_in_transaction():
-                            # Only a statement cut short leaves one open: close the
-                            # connection rather than pay a ROLLBACK to reuse it.
-                            conn.terminate()
+                        return await self._once(method, sql, args)
+                    except _RETRYABLE as exc:
+                        if attempt == RETRY_ATTEMPTS:
+                            raise
+                        log.info("event=statement_retry attempt=%d error=%s", attempt,
+                                 type(exc).__name__)
+                        pause = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+                        await asyncio.sleep(random.uniform(pause / 2, pause))  # de-synchronise
         except asyncpg.exceptions.UniqueViolationError as exc:
             raise Conflict("rate already exists") from exc
         except _UNAVAILABLE as exc:
             raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
+
+    async def _once(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+        async with self.pool.acquire() as conn:
+            try:
+                return await getattr(conn, method)(sql, *args)
+            finally:
+                if conn.is_in_transaction():
+                    # Only a statement cut short leaves one open: close the
+                    # connection rather than pay a ROLLBACK to reuse it.
+                    conn.terminate()
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         return await self._call("fetchrow", sql, *args)

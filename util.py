@@ -3,6 +3,7 @@
     python util.py migrate     apply triggers.sql (idempotent, under an advisory lock)
     python util.py up          embedded PostgreSQL + updater + API on :8000 and :8001
     python util.py pg          start the embedded PostgreSQL and print its URL
+    python util.py flush       make every API instance drop its cache (one NOTIFY)
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Settings:
     fetch_attempts: int = 3
     db_timeout_s: float = 2.0
     pool_size: int = 10
+    statement_cache_size: int = 100  # asyncpg's default; 0 behind PgBouncer < 1.21 (transaction)
     heartbeat_s: float = 0.4
     heartbeat_timeout_s: float = 1.4
     access_log: bool = True
@@ -74,7 +76,8 @@ class Settings:
             f"data_dir={str(self.data_dir)!r}, cache_size={self.cache_size}, "
             f"api_token={'set' if self.api_token else 'unset'}, sources={self.sources}, "
             f"interval_s={self.interval_s}, auto_migrate={self.auto_migrate}, "
-            f"max_jump={self.max_jump}, db_timeout_s={self.db_timeout_s})"
+            f"max_jump={self.max_jump}, db_timeout_s={self.db_timeout_s}, "
+            f"statement_cache_size={self.statement_cache_size})"
         )
 
 
@@ -192,6 +195,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         fetch_attempts=_int(env, "XRATES_FETCH_ATTEMPTS", 3, 1),
         db_timeout_s=_float(env, "XRATES_DB_TIMEOUT", 2.0, 0.01),
         pool_size=_int(env, "XRATES_POOL_SIZE", 10, 1),
+        statement_cache_size=_int(env, "XRATES_STATEMENT_CACHE_SIZE", 100),
         heartbeat_s=_float(env, "XRATES_HEARTBEAT_INTERVAL", 0.4, 0.01),
         heartbeat_timeout_s=_float(env, "XRATES_HEARTBEAT_TIMEOUT", 1.4, 0.05),
         access_log=_bool(env, "XRATES_ACCESS_LOG", True),
@@ -382,11 +386,14 @@ async def create_pool(url: str, settings: Settings, application_name: str = "xra
     """The instance's pool. Every query is bounded by ``db_timeout_s`` (overload → fast 503).
 
     No connection is opened up front (min_size 0), so an instance can start while its
-    database is still down and answer 503 until it comes."""
+    database is still down and answer 503 until it comes. ``statement_cache_size`` 0 makes
+    asyncpg use unnamed statements only, which a transaction-pooling PgBouncer older than 1.21
+    (no protocol-level prepared statements) needs."""
     return await asyncpg.create_pool(
         url,
         min_size=0,
         max_size=settings.pool_size,
+        statement_cache_size=settings.statement_cache_size,
         command_timeout=settings.db_timeout_s,
         timeout=settings.db_timeout_s,
         server_settings={"application_name": application_name},
@@ -410,6 +417,18 @@ async def migrate(url: str) -> None:
         await apply_schema(conn)
     finally:
         await conn.close()
+
+
+async def flush_caches(url: str) -> int:
+    """Send one flush notification: every API instance drops its cache. Its version."""
+    import model  # model imports util: imported here, where it is needed
+
+    conn = await connect(url, "xrates-admin")
+    try:
+        row = await conn.fetchrow(model.FLUSH_CACHES, model.CHANNEL)
+    finally:
+        await conn.close()
+    return row["version"]
 
 
 # --------------------------------------------------------------------------- supervisor
@@ -477,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--ports", type=int, nargs="+", default=[8000, 8001])
     sub.add_parser("pg", help="start the embedded PostgreSQL and print its URL")
+    sub.add_parser("flush", help="make every API instance drop its cache (after writes that "
+                                 "bypassed the triggers)")
     args = parser.parse_args(argv)
     if args.command == "up":
         return _up(args)
@@ -484,6 +505,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings)
     if args.command == "pg":
         print(EmbeddedPostgres(settings.data_dir).start())
+        return 0
+    if args.command == "flush":
+        url = database_url(settings)
+        try:
+            version = asyncio.run(flush_caches(url))
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            print(f"xrates: flush not sent: {type(exc).__name__}: {exc} "
+                  f"(database {redact_url(url)})", file=sys.stderr)
+            return 1
+        print(f"flush sent: every API instance drops its cache (version {version})")
         return 0
     asyncio.run(migrate(database_url(settings)))
     log.info("event=migrated schema=%s", SCHEMA_PATH.name)
