@@ -1,6 +1,6 @@
 """The cache policy of one API instance: pure, no I/O, driven by model.py.
 
-Rules (SPEC §5):
+Rules (contract §5):
 - An entry is replaced only by a strictly higher version; deletes leave versioned tombstones.
 - A fill (a value read from the database on a miss) is dropped if any change for its key,
   or a flush, was applied after the read began — even if the newer entry was evicted since.

@@ -2,7 +2,8 @@
 """The two commands of xrates, for a fresh machine with nothing but Python 3.11+.
 
     python3 dev.py up      # embedded PostgreSQL + updater (demo source) + API on :8000 and :8001
-    python3 dev.py test    # the whole test suite (real PostgreSQL, real processes)
+    python3 dev.py test    # lint (ruff), types (mypy), then the whole test suite (real
+                           # PostgreSQL, real processes)
 
 Both create `.venv` on first use and install the pinned dependencies into it
 (re-installing only when a requirements file changes), then run the real thing
@@ -71,6 +72,10 @@ def main(argv: list[str]) -> int:
     if command == "up":
         args = [str(PYTHON), "util.py", "up", *argv[1:]]
     else:
+        for check in (["-m", "ruff", "check", "."], ["-m", "mypy"]):
+            print(f"dev.py: {' '.join(check[1:])}", flush=True)
+            if subprocess.run([str(PYTHON), *check]).returncode != 0:
+                return 1
         args = [str(PYTHON), "-m", "pytest", *argv[1:]]
     os.execv(args[0], args)
     return 0  # not reached

@@ -243,7 +243,7 @@ def rate_from_record(rec: asyncpg.Record) -> Rate:
                      _iso_text(rec["as_of"]), _iso_text(rec["updated_at"]), rec["version"])
 
 
-def rate_from_notification(row: list) -> Rate:
+def rate_from_notification(row: Sequence[Any]) -> Rate:
     key, version, rate, source, as_of, updated_at = row
     return make_rate(key[:3], key[3:], rate, source, _iso_text(as_of), _iso_text(updated_at),
                      version)
@@ -336,6 +336,7 @@ class Store:
         """Apply triggers.sql once; False if the database cannot be reached."""
         try:
             async with asyncio.timeout(self.settings.db_timeout_s * 5):
+                assert self.pool is not None  # start() made it
                 async with self.pool.acquire() as conn:
                     await util.apply_schema(conn)
             return True
@@ -429,6 +430,7 @@ class Store:
             raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
 
     async def _once(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+        assert self.pool is not None  # _call checked it
         async with self.pool.acquire() as conn:
             try:
                 return await getattr(conn, method)(sql, *args)
@@ -583,7 +585,7 @@ class Store:
 # The leading updater holds this session-level advisory lock on its own connection
 # (a bigint key: distinct from util.SCHEMA_LOCK_KEY and from the two-int keys of the rate triggers).
 LEADER_LOCK_KEY = 7_823_011_002
-RUN_HISTORY_KEEP = 1000  # finished runs kept (SPEC §6)
+RUN_HISTORY_KEEP = 1000  # finished runs kept (contract §6)
 
 _UPDATER_RUN_COLUMNS = f"{_RUN_COLUMNS}, runner"
 
@@ -642,7 +644,7 @@ SELECT_STORED_RATES = (
     "WHERE (base, quote) IN (SELECT * FROM unnest($1::char(3)[], $2::char(3)[]))"
 )
 # One bulk upsert per source run. A row changes only if its source does not outrank the feed
-# ($5 lists the sources that do), the rate differs and as_of is not older (SPEC §3); unchanged
+# ($5 lists the sources that do), the rate differs and as_of is not older (contract §3); unchanged
 # rows are not rewritten, so they draw no version and send no notification.
 UPSERT_FEED_RATES = (
     "INSERT INTO rate (base, quote, rate, source, as_of) "

@@ -1,4 +1,4 @@
-"""Timing helpers and the benchmark of xrates (SPEC §7).
+"""Timing helpers and the benchmark of xrates (contract §7).
 
     python perf.py bench [--json PATH] [--quick]
 
@@ -389,7 +389,7 @@ TARGETS = {
     "miss_p50_ms": "<= 1.0 ms",
 }
 PHASES = ("miss", "handler", "wrk", "alternating", "propagation", "bulk", "memory")
-CEILING_PATH = "/health"  # SPEC §4: constant, no I/O, same middleware: the framework ceiling
+CEILING_PATH = "/health"  # contract §4: constant, no I/O, same middleware: the framework ceiling
 FLOOR_CHANNEL = "xrates_bench_floor"  # a channel no API instance listens on
 PROBE_INTERVAL_S = 0.0005  # pace of the event-loop stall probes during bulk rounds
 BENCH_DB = "xrates_bench"

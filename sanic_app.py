@@ -38,7 +38,7 @@ import metrics
 import model
 import sources as source_registry  # GET /v1/sources: public metadata
 import util
-from sources import MAX_DIGITS, MAX_RATE, MIN_RATE, significant_digits  # the SPEC §3 rate rules
+from sources import MAX_DIGITS, MAX_RATE, MIN_RATE, significant_digits  # the contract §3 rate rules
 
 log = logging.getLogger("xrates.api")
 
@@ -99,7 +99,7 @@ def parse_pair(base: Any, quote: Any) -> tuple[str, str]:
 
 
 def parse_decimal(value: Any, field: str) -> Decimal:
-    """A rate or amount: a JSON number or plain decimal string within the SPEC §3 rules."""
+    """A rate or amount: a JSON number or plain decimal string within the contract §3 rules."""
     if isinstance(value, _NonFinite):
         raise invalid(field, "must be finite")
     if isinstance(value, Decimal):
@@ -190,7 +190,7 @@ def _is_loopback(ip: str) -> bool:
 
 
 def authorise_write(request: Request) -> None:
-    """SPEC §2: a token when configured (constant-time compare), else loopback peers only."""
+    """contract §2: a token when configured (constant-time compare), else loopback peers only."""
     token = SETTINGS.api_token
     if token:
         header = request.headers.get("authorization", "")
@@ -414,12 +414,12 @@ _ERRORS_WRITE = (
 )
 
 
-def _path_params(*names: str) -> list[openapi.definitions.Parameter]:
+def _path_params(*names: str) -> list[Any]:
     return [openapi.definitions.Parameter(name, str, location="path", required=True)
             for name in names]
 
 
-def _query_params(*names: str) -> list[openapi.definitions.Parameter]:
+def _query_params(*names: str) -> list[Any]:
     return [openapi.definitions.Parameter(name, str, location="query") for name in names]
 
 

@@ -47,13 +47,14 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from functools import lru_cache, partial
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 log = logging.getLogger("xrates.sources")
 
-MIN_RATE = Decimal("1e-12")  # inclusive, as in SPEC §3
+MIN_RATE = Decimal("1e-12")  # inclusive, as in contract §3
 MAX_RATE = Decimal("1e12")  # exclusive
 MAX_DIGITS = 15  # significant digits; trailing zeros do not count
 MAX_BODY_BYTES = 8 * 1024 * 1024  # real feeds are < 200 KB; a bigger body is a wrong URL
@@ -206,9 +207,17 @@ def _mid(buy: Decimal, sale: Decimal) -> Decimal:
     return _divide(total, Decimal(2))
 
 
+def _exponent(value: Decimal) -> int:
+    """The exponent of a finite decimal (NaN and infinities never get here)."""
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int):
+        raise ValueError(f"not a finite decimal: {value}")
+    return exponent
+
+
 def _agrees(exact: Decimal, published: Decimal) -> bool:
     """True when `published` is `exact` itself or `exact` rounded to the published digits."""
-    half_ulp = Decimal(5).scaleb(published.as_tuple().exponent - 1)
+    half_ulp = Decimal(5).scaleb(_exponent(published) - 1)
     return abs(exact - published) <= half_ulp
 
 
@@ -520,8 +529,9 @@ def _nbu_rows(payload: bytes) -> list[Quote | None]:
     Accepts the statdirectory JSON (`rate` is per 1 unit), the exchange_site range JSON
     (`rate` is per `units`, with `rate_per_unit`) and the statdirectory XML form.
     """
+    rows: list[Mapping[str, Any]]
     if payload.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
-        rows = _nbu_xml_rows(_load_xml(payload, "nbu"))
+        rows = list(_nbu_xml_rows(_load_xml(payload, "nbu")))
     else:
         data = _load_json(payload, "nbu")
         if not isinstance(data, list):
@@ -788,7 +798,7 @@ def _mnb_rows(payload: bytes) -> list[Quote | None]:
     result = next((e for e in envelope.iter() if _local(e.tag) == "GetExchangeRatesResult"), None)
     if result is None or not (result.text or "").strip():
         raise SourceError(f"mnb: no GetExchangeRatesResult in SOAP body: {_error_text(envelope)}")
-    root = _load_xml(result.text.encode("utf-8"), "mnb")
+    root = _load_xml((result.text or "").encode("utf-8"), "mnb")
     if _local(root.tag) != "MNBExchangeRates":
         raise SourceError(f"mnb: unexpected result root <{_local(root.tag)}>")
     candidates: list[Quote | None] = []
@@ -864,9 +874,9 @@ def _rba_rows(payload: bytes) -> list[Quote | None]:
         if day is None:
             continue
         _check_width(row, len(title), "rba", f"the row of {row[0]}")
-        for code, cell in zip(codes[1:], row[1:], strict=True):
-            if code is not None and cell.strip():
-                candidates.append(_make_quote("AUD", code, _decimal(cell), _midnight(day)))
+        for column_code, cell in zip(codes[1:], row[1:], strict=True):
+            if column_code is not None and cell.strip():
+                candidates.append(_make_quote("AUD", column_code, _decimal(cell), _midnight(day)))
     return candidates
 
 
@@ -939,7 +949,7 @@ def parse_nbrb_payloads(payloads: Sequence[bytes]) -> list[Quote]:
     """
     if not payloads:
         raise SourceError("nbrb: no payload")
-    documents = [_load_json(body, "nbrb") for body in payloads]
+    documents: list[Any] = [_load_json(body, "nbrb") for body in payloads]
     names: dict[int, tuple[str, Decimal]] = {}
     for data in documents:
         if not isinstance(data, list) or not all(isinstance(row, Mapping) for row in data):
@@ -1076,7 +1086,7 @@ def _hkma_rows(payload: bytes) -> list[Quote | None]:
     Values are binary floats (`7.8245000000000005`); they are read at 15 significant
     digits with the float noise removed (7.8245). `null` values are no observation.
     """
-    data = _load_json(payload, "hkma")
+    data: Any = _load_json(payload, "hkma")
     header = data.get("header") if isinstance(data, Mapping) else None
     if not isinstance(header, Mapping) or header.get("success") is not True:
         message = header.get("err_msg") if isinstance(header, Mapping) else None
@@ -1108,10 +1118,10 @@ def _denoise(value: Decimal) -> Decimal:
     with localcontext() as ctx:
         ctx.prec, ctx.rounding = MAX_DIGITS, ROUND_HALF_EVEN
         rounded = +value
-    if rounded.as_tuple().exponent >= 0:
+    if _exponent(rounded) >= 0:
         return rounded
     stripped = rounded.normalize()
-    return stripped if stripped.as_tuple().exponent <= 0 else stripped.quantize(Decimal(1))
+    return stripped if _exponent(stripped) <= 0 else stripped.quantize(Decimal(1))
 
 
 # --------------------------------------------------------------------------- request planning

@@ -1,4 +1,4 @@
-"""The standalone updater: schedule, leader lock, runs, writing rates (SPEC §6).
+"""The standalone updater: schedule, leader lock, runs, writing rates (contract §6).
 
     python updater.py            run forever: a run at start, then every XRATES_INTERVAL s (±10 %)
     python updater.py --once     one run of every configured source; exit 0 only if all succeeded
@@ -80,7 +80,7 @@ def runner_name() -> str:
 
 
 def outranking_sources(source: str, configured: Sequence[str]) -> list[str]:
-    """Sources whose rows ``source`` must leave alone (SPEC §3).
+    """Sources whose rows ``source`` must leave alone (contract §3).
 
     ``manual`` outranks every feed; configured feeds rank in XRATES_SOURCES order; a source that
     is not configured ranks below every configured one.
@@ -399,6 +399,7 @@ class Updater:
         finished = await model.finish_run(conn, run_id, status, error)
         if finished is None:  # a successor failed it meanwhile
             finished = await model.get_updater_run(conn, run_id)
+        assert finished is not None  # runs are never deleted while running
         ms = (time.perf_counter() - started) * 1000
         log.log(logging.INFO if status == "succeeded" else logging.WARNING,
                 "event=run_finished run_id=%s status=%s ms=%.0f error=%r", run_id,
@@ -485,7 +486,7 @@ class Updater:
         """One transaction: read the stored rows, apply the jump guard, bulk upsert, commit.
 
         The guard reads without FOR UPDATE on purpose: row locks taken before the upsert's
-        INSERT trigger takes its per-key advisory lock would invert the lock order of SPEC §3
+        INSERT trigger takes its per-key advisory lock would invert the lock order of contract §3
         and deadlock against a concurrent API upsert. The upsert re-checks priority on the
         locked current row, so a concurrent write can only make the guard compare with a value
         a few milliseconds old.

@@ -275,6 +275,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class EmbeddedPostgresError(RuntimeError):
+    """initdb or pg_ctl failed; the message carries what they said."""
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server from the pip-installed ``pgserver`` binaries, on 127.0.0.1.
 
@@ -302,10 +306,15 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(self.bin / args[0]), *args[1:]],
-            user=self._user, check=True, capture_output=True, text=True, timeout=timeout,
-        )
+        try:
+            return subprocess.run(
+                [str(self.bin / args[0]), *args[1:]],
+                user=self._user, check=True, capture_output=True, text=True, timeout=timeout,
+            )
+        except subprocess.CalledProcessError as exc:
+            # Say why: initdb and pg_ctl explain themselves on stderr/stdout.
+            said = (exc.stderr or exc.stdout or "").strip()[-800:]
+            raise EmbeddedPostgresError(f"{args[0]} exited with {exc.returncode}: {said}") from exc
 
     def _prepare_permissions(self) -> None:
         if self._user is None:
@@ -356,7 +365,7 @@ class EmbeddedPostgres:
         """Stop this data directory's server (by the PID in its postmaster.pid)."""
         if self.running_pid() is None:
             return
-        with contextlib.suppress(subprocess.CalledProcessError):
+        with contextlib.suppress(EmbeddedPostgresError):
             self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-m", mode, "stop",
                       timeout=90)
 

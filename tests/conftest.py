@@ -52,6 +52,23 @@ async def answers_200(client: httpx.AsyncClient, path: str = "/ready") -> bool:
         return False
 
 
+# --------------------------------------------------------------------------- loop hygiene
+@pytest.fixture(autouse=True)
+async def no_unhandled_loop_errors() -> AsyncIterator[None]:
+    """Fail a test that leaves an error its event loop had to report unhandled (a task's
+    exception never retrieved, a callback that raised): such errors are bugs, not noise."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)
+    assert not errors, "unhandled event-loop errors: " + "; ".join(
+        f"{c.get('message')} {c.get('exception')!r}" for c in errors)
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 @pytest.fixture(scope="session")
 def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[util.EmbeddedPostgres]:

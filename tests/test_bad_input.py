@@ -168,7 +168,7 @@ async def test_bad_input_gets_exact_4xx_and_changes_nothing(target, method, path
 
 
 def test_there_are_at_least_fifty_bad_inputs() -> None:
-    assert len(CASES) >= 50
+    assert len(CASES) >= 90  # the README promises at least 90
 
 
 async def test_unprocessable_errors_name_the_field(target) -> None:

@@ -1,4 +1,4 @@
-"""SPEC §5, the cache guarantees, against a real PostgreSQL and real API processes."""
+"""contract §5, the cache guarantees, against a real PostgreSQL and real API processes."""
 
 from __future__ import annotations
 
@@ -357,7 +357,7 @@ async def test_heartbeat_is_end_to_end_through_the_pool(db_url, sql, start_api) 
         await watcher.close()
 
 
-# --------------------------------------------------------------------------- SPEC §3 version order
+# --------------------------------------------------------------------------- contract §3 version order
 async def test_version_order_under_concurrent_delete_and_reinsert(db_url, sql, start_api) -> None:
     a, b = await start_api(db_url), await start_api(db_url)
     events: list[tuple[str, int]] = []

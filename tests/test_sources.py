@@ -50,7 +50,7 @@ def midnight(year: int, month: int, day: int) -> datetime:
 
 
 def assert_valid(quote: Quote) -> None:
-    """The API's rules (SPEC §3), checked independently of sources.normalize_rate."""
+    """The API's rules (contract §3), checked independently of sources.normalize_rate."""
     assert re.fullmatch(r"[A-Z]{3}", quote.base), quote
     assert re.fullmatch(r"[A-Z]{3}", quote.quote), quote
     assert quote.base != quote.quote, quote

@@ -1,4 +1,4 @@
-"""triggers.sql against a real PostgreSQL: SPEC §3's version order and lock order under every
+"""triggers.sql against a real PostgreSQL: contract §3's version order and lock order under every
 transaction shape, big and odd writes, and notification payloads (§5.1).
 
 Every test here failed on the triggers.sql that took a per-key advisory lock in its BEFORE
