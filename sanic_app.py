@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
+import functools
 import gc
 import hmac
 import ipaddress
@@ -25,9 +27,10 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from sanic import Request, Sanic
+from sanic import Blueprint, Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
+from sanic.worker.loader import AppLoader
 from sanic_ext import Extend, openapi
 from sanic_ext.extensions.http.extension import HTTPExtension
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
@@ -42,8 +45,6 @@ from sources import MAX_DIGITS, MAX_RATE, MIN_RATE, significant_digits  # the co
 
 log = logging.getLogger("xrates.api")
 
-SETTINGS = util.settings_or_exit()
-util.setup_logging(SETTINGS)
 
 MAX_BODY_BYTES = 64 * 1024
 JSON_TYPE = "application/json"
@@ -191,7 +192,7 @@ def _is_loopback(ip: str) -> bool:
 
 def authorise_write(request: Request) -> None:
     """contract §2: a token when configured (constant-time compare), else loopback peers only."""
-    token = SETTINGS.api_token
+    token = settings_of(request).api_token
     if token:
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
@@ -205,25 +206,14 @@ def authorise_write(request: Request) -> None:
 
 
 # ----------------------------------------------------------------------------- app
-app = Sanic("xrates", log_config=util.sanic_log_config(SETTINGS))
-app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
-app.config.FALLBACK_ERROR_FORMAT = "json"
-app.config.CORS = False  # ours, for reads only: READ_CORS, preflight() and common_headers()
-app.config.OAS_URL_PREFIX = "/docs"
-app.config.OAS_UI_DEFAULT = "swagger"
-app.config.OAS_IGNORE_OPTIONS = True
-app.config.OAS_IGNORE_HEAD = True
-app.config.MOTD = False
-app.config.KEEP_ALIVE_TIMEOUT = 30
-# OpenAPI (/docs) and the HTTP helpers only. Not sanic-ext's dependency injection, which we do
-# not use and which dispatches a signal on every request (measured here: about 10 us of the
-# 45 us that a constant route cost with it).
-Extend(app, built_in_extensions=False, extensions=[OpenAPIExtension, HTTPExtension])
-app.ext.openapi.describe(
-    "xrates",
-    version="0.1.0",
-    description="Currency exchange rates served from a LISTEN/NOTIFY-refreshed cache.",
-)
+# Every route hangs on this blueprint; create_app(settings) builds the application around it.
+bp = Blueprint("xrates")
+
+
+def settings_of(request: Request) -> util.Settings:
+    """The settings the application was built with (read once, by create_app's caller)."""
+    return request.app.ctx.settings
+
 
 READ_EXPOSE = "ETag, X-Cache"
 READ_CORS = {
@@ -236,16 +226,15 @@ READ_CORS = {
 _READ_METHODS = frozenset(("GET", "HEAD"))
 
 
-@app.before_server_start
 async def start_store(app: Sanic) -> None:
-    store = model.Store(SETTINGS)
-    await store.start(os.environ.get("DATABASE_URL") or util.database_url(SETTINGS))
+    settings = app.ctx.settings
+    store = model.Store(settings)
+    await store.start(settings.database_url or util.database_url(settings))
     app.ctx.store = store
     app.ctx.metrics = metrics.WorkerMetrics(store)
     app.ctx.metrics.start()
 
 
-@app.after_server_start
 async def freeze_startup_heap(app: Sanic) -> None:
     # Everything built so far (Sanic, sanic-ext, the OpenAPI spec, the modules) lives as long
     # as the process: move it out of the cyclic collector's sight, so that a full collection
@@ -254,13 +243,11 @@ async def freeze_startup_heap(app: Sanic) -> None:
     gc.freeze()
 
 
-@app.after_server_stop
 async def stop_store(app: Sanic) -> None:
     app.ctx.metrics.stop()
     await app.ctx.store.close()
 
 
-@app.on_request
 async def preflight(request: Request) -> HTTPResponse | None:
     request.ctx.t0 = time.perf_counter()
     if request.method == "OPTIONS":
@@ -269,7 +256,6 @@ async def preflight(request: Request) -> HTTPResponse | None:
     return None
 
 
-@app.on_response
 async def common_headers(request: Request, response: HTTPResponse) -> None:
     headers = response.headers
     if "cache-control" not in headers:
@@ -285,7 +271,6 @@ async def common_headers(request: Request, response: HTTPResponse) -> None:
                                 time.perf_counter() - t0)
 
 
-@app.exception(model.XratesError)
 async def on_xrates_error(request: Request, exc: model.XratesError) -> HTTPResponse:
     if exc.status >= 500:
         log.warning("event=request_failed status=%d method=%s path=%s request_id=%s error=%r",
@@ -293,7 +278,6 @@ async def on_xrates_error(request: Request, exc: model.XratesError) -> HTTPRespo
     return error_response(exc.status, str(exc))
 
 
-@app.exception(SanicException)
 async def on_sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
     status = exc.status_code
     if status >= 500:
@@ -310,7 +294,6 @@ async def on_sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
     return error_response(status, message, headers)
 
 
-@app.exception(Exception)
 async def on_unexpected(request: Request, exc: Exception) -> HTTPResponse:
     # Unexpected stays a 500 (logged with its traceback); never disguised as a 4xx.
     log.error("event=server_error status=500 method=%s path=%s request_id=%s", request.method,
@@ -424,7 +407,7 @@ def _query_params(*names: str) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- routes: rates
-@app.get("/v1/rates/<base:str>/<quote:str>", name="rate_get")
+@bp.get("/v1/rates/<base:str>/<quote:str>", name="rate_get")
 @openapi.definition(
     summary="One rate (served from the instance's cache)",
     parameter=_path_params("base", "quote"),
@@ -449,7 +432,7 @@ async def rate_get(request: Request, base: str, quote: str) -> HTTPResponse:
     return rate_response(rate, how)
 
 
-@app.get("/v1/rates", name="rates_list")
+@bp.get("/v1/rates", name="rates_list")
 @openapi.definition(
     summary="All rates, optionally filtered (read from the database)",
     parameter=_query_params("base", "quote"),
@@ -466,7 +449,7 @@ async def rates_list(request: Request) -> HTTPResponse:
     return HTTPResponse(body, content_type=JSON_TYPE, headers={"Cache-Control": "no-cache"})
 
 
-@app.post("/v1/rates", name="rate_create")
+@bp.post("/v1/rates", name="rate_create")
 @openapi.definition(
     summary="Create a rate (409 if the pair exists)",
     body=_json_content(RATE_CREATE_SCHEMA),
@@ -485,7 +468,7 @@ async def rate_create(request: Request) -> HTTPResponse:
     return HTTPResponse(stored.body, status=201, headers=headers, content_type=JSON_TYPE)
 
 
-@app.put("/v1/rates/<base:str>/<quote:str>", name="rate_put")
+@bp.put("/v1/rates/<base:str>/<quote:str>", name="rate_put")
 @openapi.definition(
     summary="Create or replace a rate",
     parameter=_path_params("base", "quote"),
@@ -510,7 +493,7 @@ async def rate_put(request: Request, base: str, quote: str) -> HTTPResponse:
                         content_type=JSON_TYPE)
 
 
-@app.delete("/v1/rates/<base:str>/<quote:str>", name="rate_delete")
+@bp.delete("/v1/rates/<base:str>/<quote:str>", name="rate_delete")
 @openapi.definition(
     summary="Delete a rate",
     parameter=_path_params("base", "quote"),
@@ -537,7 +520,7 @@ CONVERT_SCHEMA = {
                 "items": {"type": "string"}}}}
 
 
-@app.get("/v1/convert", name="convert")
+@bp.get("/v1/convert", name="convert")
 @openapi.definition(
     summary="Convert an amount: direct, inverse, or through up to two intermediate currencies",
     description="Paths rank by fewer hops, then the priority of their lowest-priority leg "
@@ -559,10 +542,10 @@ async def convert(request: Request) -> HTTPResponse:
         raise invalid("to", "must differ from from")
     raw_amount = query_arg(request, "amount")
     amount = parse_decimal(raw_amount, "amount") if raw_amount is not None else Decimal(1)
-    store = store_of(request)
-    path = await _cached_path(store, src, dst)
+    store, sources = store_of(request), settings_of(request).sources
+    path = await _cached_path(store, src, dst, sources)
     if path is None:
-        path = convert_paths.find_path(await store.path_rates(), src, dst, SETTINGS.sources)
+        path = convert_paths.find_path(await store.path_rates(), src, dst, sources)
     if path is None:
         raise ApiError(404, f"no rate path from {src} to {dst} "
                             "(direct, inverse or through up to two currencies)")
@@ -575,7 +558,8 @@ async def convert(request: Request) -> HTTPResponse:
     return HTTPResponse(body, content_type=JSON_TYPE, headers={"Cache-Control": "no-cache"})
 
 
-async def _cached_path(store: model.Store, src: str, dst: str) -> convert_paths.Path | None:
+async def _cached_path(store: model.Store, src: str, dst: str,
+                       sources: tuple[str, ...]) -> convert_paths.Path | None:
     """Direct or inverse through the cache; None sends the caller to the full search. When
     both rows exist, convert.py ranks them (priority first, then direct before inverse)."""
     direct, _ = await store.get_rate(src, dst)
@@ -585,7 +569,7 @@ async def _cached_path(store: model.Store, src: str, dst: str) -> convert_paths.
         return None
     rows = [(rate.base, rate.quote, rate.decimal,
              model.rate_source(rate) if len(found) == 2 else "") for rate in found]
-    return convert_paths.find_path(rows, src, dst, SETTINGS.sources, max_intermediates=0)
+    return convert_paths.find_path(rows, src, dst, sources, max_intermediates=0)
 
 
 # ----------------------------------------------------------------------------- routes: sources
@@ -628,7 +612,7 @@ def source_metadata(name: str) -> dict[str, Any]:
             "pivot": feed.pivot, "base_direction": feed.base_direction, "cadence": feed.cadence}
 
 
-@app.get("/v1/sources", name="sources_list")
+@bp.get("/v1/sources", name="sources_list")
 @openapi.definition(
     summary="The configured sources (XRATES_SOURCES order): metadata and latest outcomes",
     description="`currencies` and `last_success` come from the newest finished update run in "
@@ -640,7 +624,7 @@ def source_metadata(name: str) -> dict[str, Any]:
         (503, "database unavailable", None)),
 )
 async def sources_list(request: Request) -> HTTPResponse:
-    names = SETTINGS.sources
+    names = settings_of(request).sources
     status = await store_of(request).source_status(names)
     listed = [{**source_metadata(name), **outcome} for name, outcome in zip(names, status,
                                                                               strict=True)]
@@ -648,7 +632,7 @@ async def sources_list(request: Request) -> HTTPResponse:
 
 
 # ----------------------------------------------------------------------------- routes: updates
-@app.post("/v1/updates", name="updates_create")
+@bp.post("/v1/updates", name="updates_create")
 @openapi.definition(
     summary="Ask the updater to run now (all configured sources, or the ones named)",
     body=_json_content({"type": "object", "additionalProperties": False, "properties": {
@@ -674,7 +658,7 @@ async def updates_create(request: Request) -> HTTPResponse:
                          headers={"Location": f"/v1/updates/{run['id']}"})
 
 
-@app.get("/v1/updates", name="updates_list")
+@bp.get("/v1/updates", name="updates_list")
 @openapi.definition(
     summary="Update runs, newest first",
     parameter=_query_params("limit", "status"),
@@ -694,7 +678,7 @@ async def updates_list(request: Request) -> HTTPResponse:
     return json_response({"updates": runs})
 
 
-@app.get("/v1/updates/<run_id:str>", name="updates_get")
+@bp.get("/v1/updates/<run_id:str>", name="updates_get")
 @openapi.definition(
     summary="One update run with its progress",
     parameter=_path_params("run_id"),
@@ -710,14 +694,14 @@ async def updates_get(request: Request, run_id: str) -> HTTPResponse:
 HEALTH_BODY = b'{"status":"ok"}'
 
 
-@app.get("/health", name="health")
+@bp.get("/health", name="health")
 @openapi.definition(summary="Liveness (constant, no I/O)",
                     response=_responses((200, "alive", {"type": "object"})))
 async def health(request: Request) -> HTTPResponse:
     return HTTPResponse(HEALTH_BODY, content_type=JSON_TYPE)
 
 
-@app.get("/ready", name="ready")
+@bp.get("/ready", name="ready")
 @openapi.definition(
     summary="Readiness: the database answers and the listener is connected",
     response=_responses((200, "ready", {"type": "object"}), (503, "not ready", None)),
@@ -733,7 +717,7 @@ async def ready(request: Request) -> HTTPResponse:
     return json_response({"status": "ready"})
 
 
-@app.get("/metrics", name="metrics")
+@bp.get("/metrics", name="metrics")
 @openapi.definition(summary="Prometheus metrics, aggregated over this instance's workers",
                     response=[openapi.definitions.Response(
                         {"text/plain": {"schema": {"type": "string"}}}, status=200,
@@ -745,7 +729,7 @@ async def metrics_route(request: Request) -> HTTPResponse:
     return HTTPResponse(body, content_type=content_type)
 
 
-@app.get("/openapi.json", name="openapi_json")
+@bp.get("/openapi.json", name="openapi_json")
 @openapi.exclude()
 async def openapi_json(request: Request) -> HTTPResponse:
     from sanic_ext.extensions.openapi.builders import SpecificationBuilder
@@ -753,11 +737,46 @@ async def openapi_json(request: Request) -> HTTPResponse:
     return json_response(SpecificationBuilder().build(request.app).serialize())
 
 
-# ----------------------------------------------------------------------------- profiling
-if SETTINGS.profile:  # XRATES_PROFILE=1: log every handler's elapsed time (off by default)
-    import perf
+# ----------------------------------------------------------------------------- the factory
+def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
+    """The application for these settings: routes, middleware, error maps and lifecycle.
+    Nothing reads the environment after load_settings: each worker process calls this with
+    the settings its main process resolved (through Sanic's loader)."""
+    util.setup_logging(settings)
+    app = Sanic(name, log_config=util.sanic_log_config(settings))
+    app.ctx.settings = settings
+    app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.CORS = False  # ours, for reads only: READ_CORS, preflight() and common_headers()
+    app.config.OAS_URL_PREFIX = "/docs"
+    app.config.OAS_UI_DEFAULT = "swagger"
+    app.config.OAS_IGNORE_OPTIONS = True
+    app.config.OAS_IGNORE_HEAD = True
+    app.config.MOTD = False
+    app.config.KEEP_ALIVE_TIMEOUT = 30
+    # OpenAPI (/docs) and the HTTP helpers only. Not sanic-ext's dependency injection, which we
+    # do not use and which dispatches a signal on every request (measured here: about 10 us of
+    # the 45 us that a constant route cost with it).
+    Extend(app, built_in_extensions=False, extensions=[OpenAPIExtension, HTTPExtension])
+    app.ext.openapi.describe(
+        "xrates",
+        version="0.1.0",
+        description="Currency exchange rates served from a LISTEN/NOTIFY-refreshed cache.",
+    )
+    app.before_server_start(start_store)
+    app.after_server_start(freeze_startup_heap)
+    app.after_server_stop(stop_store)
+    app.on_request(preflight)
+    app.on_response(common_headers)
+    app.exception(model.XratesError)(on_xrates_error)
+    app.exception(SanicException)(on_sanic_error)
+    app.exception(Exception)(on_unexpected)
+    app.blueprint(bp)
+    if settings.profile:  # XRATES_PROFILE=1: log every handler's elapsed time
+        import perf
 
-    log.info("event=profiling handlers=%d", perf.profile_routes(app))
+        log.info("event=profiling handlers=%d", perf.profile_routes(app))
+    return app
 
 
 # ----------------------------------------------------------------------------- main
@@ -767,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    settings = util.settings_or_exit()
+    util.setup_logging(settings)
     try:
         internals.check()  # the private framework internals we rely on behave as assumed
     except internals.InternalsMismatch as exc:
@@ -776,18 +797,25 @@ def main(argv: list[str] | None = None) -> int:
         print("xrates: configuration error: --workers must be >= 1", file=sys.stderr)
         return 2
     # Resolve the database once, here: workers must not race to start an embedded server.
-    os.environ["DATABASE_URL"] = util.database_url(SETTINGS)
+    settings = dataclasses.replace(settings, database_url=util.database_url(settings))
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Workers are separate processes: they share metrics through files here.
+        # Workers are separate processes: they share metrics through files here
+        # (prometheus_client's own switch, read by it at import in every worker).
         directory = tempfile.mkdtemp(prefix="xrates-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
     log.info("event=api_start host=%s port=%d workers=%d settings=%r", args.host, args.port,
-             args.workers, SETTINGS)
-    app.run(host=args.host, port=args.port, workers=args.workers,
-            access_log=SETTINGS.access_log,
-            # One worker: serve in this process (no manager process to race at shutdown).
-            single_process=args.workers == 1)
+             args.workers, settings)
+    loader = AppLoader(factory=functools.partial(create_app, settings))
+    app = loader.load()
+    # One worker: serve in this process (no manager process to race at shutdown).
+    single = args.workers == 1
+    app.prepare(host=args.host, port=args.port, workers=args.workers,
+                access_log=settings.access_log, single_process=single)
+    if single:
+        Sanic.serve_single(primary=app)
+    else:
+        Sanic.serve(primary=app, app_loader=loader)
     return 0
 
 

@@ -204,9 +204,11 @@ async def start_up(data_dir: Path, ports: list[int], log: Path,
     environment = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
     environment.pop("DATABASE_URL", None)
     environment.update({"XRATES_DATA_DIR": str(data_dir), **(env or {})})
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "dev.py", "up", "--ports", *map(str, ports), cwd=ROOT, env=environment,
-        stdout=log.open("ab"), stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    with log.open("ab") as output:  # the child keeps its own copy of the descriptor
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "dev.py", "up", "--ports", *map(str, ports), cwd=ROOT,
+            env=environment, stdout=output, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True)
 
 
 async def stop_up(proc: asyncio.subprocess.Process) -> int:

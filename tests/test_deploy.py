@@ -118,9 +118,10 @@ def util_subcommands() -> set[str]:
 
 @functools.cache
 def get_routes() -> frozenset[str]:
-    """Static GET paths of sanic_app.app's router (imported in a child: no side effects here)."""
-    code = ("import json, sanic_app; print(json.dumps([[r.uri, sorted(r.methods)] "
-            "for r in sanic_app.app.router.routes]))")
+    """Static GET paths of the app's router (built in a child: no side effects here)."""
+    code = ("import json, sanic_app, util; app = sanic_app.create_app(util.load_settings({})); "
+            "app.router.finalize(); print(json.dumps([[r.uri, sorted(r.methods)] "
+            "for r in app.router.routes]))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_clean_env(),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -95,8 +95,9 @@ def test_aprofiler_works_on_a_sanic_class_based_view() -> None:
 
 
 def test_sanic_app_profiles_its_handlers_only_when_xrates_profile_is_set() -> None:
-    script = ("import sanic_app; print(sum(bool(getattr(r.handler, '__aelapsed__', False)) "
-              "for r in sanic_app.app.router.routes))")
+    script = ("import sanic_app, util; app = sanic_app.create_app(util.load_settings()); "
+              "print(sum(bool(getattr(r.handler, '__aelapsed__', False)) "
+              "for r in app.router.routes))")
     counts = {}
     for value in ("0", "1"):
         out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
