@@ -349,6 +349,13 @@ class TestOnDay:
         assert error(fk.latest, {}, "EUR", Query(), D("2024-02-27")) == (404, "not found")
 
 
+# AAA and XXX stop after 2024-01-08; USD goes on.
+STALE_HISTORY: dict[date, dict[str, Decimal]] = {
+    D("2024-01-08"): {"AAA": Decimal("2"), "USD": Decimal("1.1"), "XXX": Decimal("4")},
+    D("2024-01-09"): {"USD": Decimal("1.2")},
+}
+
+
 class TestCarryForwardAcrossDays:
     """Currencies whose newest rows lie on different days (a discontinued currency).
 
@@ -356,16 +363,11 @@ class TestCarryForwardAcrossDays:
     (oldest day of the window, then code): result.keys.first / result.values.first.
     """
 
-    history = {
-        D("2024-01-08"): {"AAA": Decimal("2"), "USD": Decimal("1.1"), "XXX": Decimal("4")},
-        D("2024-01-09"): {"USD": Decimal("1.2")},
-    }
-
     def body(self, **params: str) -> dict[str, object]:
-        return fk.on_day(self.history, "EUR", q(**params), D("2024-01-10"))
+        return fk.on_day(STALE_HISTORY, "EUR", q(**params), D("2024-01-10"))
 
     def test_a_stale_currency_is_not_carried_next_to_fresh_ones(self) -> None:
-        body = fk.on_day(self.history, "EUR", q(to="USD,XXX"), D("2024-01-10"))
+        body = fk.on_day(STALE_HISTORY, "EUR", q(to="USD,XXX"), D("2024-01-10"))
         assert (body["date"], body["rates"]) == ("2024-01-09", {"USD": 1.2})
 
     def test_the_first_currency_in_scan_order_picks_the_day(self) -> None:
