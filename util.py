@@ -66,6 +66,10 @@ class Settings:
     access_log: bool = True
     log_format: str = "text"
     profile: bool = False
+    # XRATES_<SOURCE>_HISTORY_URL: like source_urls, for backfill requests (omitted from repr:
+    # an override may carry credentials).
+    history_urls: Mapping[str, str] = field(default_factory=dict)
+    frankfurter_source: str = "demo"  # XRATES_FRANKFURTER_SOURCE: behind the Frankfurter routes
 
     def __repr__(self) -> str:  # never print secrets (token, URL password)
         return (
@@ -74,7 +78,8 @@ class Settings:
             f"data_dir={str(self.data_dir)!r}, cache_size={self.cache_size}, "
             f"api_token={'set' if self.api_token else 'unset'}, sources={self.sources}, "
             f"interval_s={self.interval_s}, auto_migrate={self.auto_migrate}, "
-            f"max_jump={self.max_jump}, db_timeout_s={self.db_timeout_s})"
+            f"max_jump={self.max_jump}, db_timeout_s={self.db_timeout_s}, "
+            f"frankfurter_source={self.frankfurter_source!r})"
         )
 
 
@@ -159,6 +164,18 @@ def _sources(env: Mapping[str, str]) -> tuple[str, ...]:
     return names
 
 
+def _frankfurter_source(env: Mapping[str, str], sources: tuple[str, ...]) -> str:
+    """XRATES_FRANKFURTER_SOURCE: any known source (its history may come from a backfill
+    alone); default the first of XRATES_SOURCES. Never `manual` (SPEC §9)."""
+    raw = env.get("XRATES_FRANKFURTER_SOURCE", "").strip().lower()
+    if not raw:
+        return sources[0]
+    if raw not in KNOWN_SOURCES:
+        raise ConfigError(f"XRATES_FRANKFURTER_SOURCE names unknown source {raw!r}; "
+                          f"known: {', '.join(KNOWN_SOURCES)}")
+    return raw
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read the configuration once. Raises ConfigError with one clear sentence."""
     env = os.environ if env is None else env
@@ -177,13 +194,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         for name in KNOWN_SOURCES
         if env.get(f"XRATES_{name.upper()}_URL")
     }
+    history_urls = {
+        name: env[f"XRATES_{name.upper()}_HISTORY_URL"]
+        for name in KNOWN_SOURCES
+        if env.get(f"XRATES_{name.upper()}_HISTORY_URL")
+    }
+    sources = _sources(env)
     return Settings(
+        history_urls=history_urls,
+        frankfurter_source=_frankfurter_source(env, sources),
         database_url=_database_url(env),
         listen_url=_database_url(env, "XRATES_LISTEN_URL"),
         data_dir=Path(env.get("XRATES_DATA_DIR", "").strip() or ".data"),
         cache_size=_int(env, "XRATES_CACHE_SIZE", 65536),
         api_token=token,
-        sources=_sources(env),
+        sources=sources,
         interval_s=_float(env, "XRATES_INTERVAL", 600.0, 0.1),
         source_urls=urls,
         auto_migrate=_bool(env, "XRATES_AUTO_MIGRATE", True),
@@ -416,6 +441,29 @@ async def migrate(url: str) -> None:
         await conn.close()
 
 
+# --------------------------------------------------------------------------- demo history
+DEMO_BACKFILL_DAYS = 90
+
+
+async def backfill_demo_once(url: str, settings: Settings) -> None:
+    """`up`: give the offline demo a deterministic 90-day history the first time (when it has
+    none), so the history and Frankfurter routes answer offline from the first minute."""
+    import dataclasses
+
+    import model  # here: model and updater import this module
+    import updater
+
+    conn = await connect(url, updater.APPLICATION_NAME)
+    try:
+        if await model.has_history(conn, "demo"):
+            return
+    finally:
+        await conn.close()
+    log.info("event=demo_backfill days=%d", DEMO_BACKFILL_DAYS)
+    await updater.backfill(dataclasses.replace(settings, auto_migrate=False), url,
+                           DEMO_BACKFILL_DAYS, ["demo"])
+
+
 # --------------------------------------------------------------------------- supervisor
 def _up(args: argparse.Namespace) -> int:
     """Run the whole service in the foreground; Ctrl-C stops everything."""
@@ -430,6 +478,8 @@ def _up(args: argparse.Namespace) -> int:
         log.info("event=embedded_postgres_up data_dir=%s port=%s", embedded.data_dir,
                  embedded.port)
     asyncio.run(migrate(url))
+    if "demo" in settings.sources:
+        asyncio.run(backfill_demo_once(url, settings))
     env = {**os.environ, "DATABASE_URL": url, "XRATES_AUTO_MIGRATE": "0"}
     if settings.sources == ("demo",) and not os.environ.get("XRATES_INTERVAL"):
         # The offline demo walks one step per interval: move visibly while you watch.
