@@ -40,7 +40,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Final
 
 import iso4217
@@ -135,7 +135,9 @@ def parse_query(args: QueryArgs, path_date: str | None = None) -> Query:
 
 
 def _last(args: QueryArgs, name: str) -> str | None:
-    values = args.get(name)
+    # Sanic's RequestParameters is a dict of lists whose `get` returns the *first* value (a
+    # str): read the lists themselves, or "from=USD" would be read as "D".
+    values = dict.get(args, name) if isinstance(args, dict) else args.get(name)
     return values[-1] if values else None
 
 
@@ -495,3 +497,40 @@ def ruby_float(value: float) -> str:
     if marker and "." not in mantissa:
         return f"{mantissa}.0e{exponent}"
     return text
+
+
+# --------------------------------------------------------------------------- from storage
+
+# One rounding for inverted rows: 1/r to 15 significant digits (xrates' rate precision, as
+# /v1/convert rounds), half even; then the float conversion v1's own values go through.
+_INVERT = Context(prec=15, rounding=ROUND_HALF_EVEN)
+
+
+def history_from_rows(
+    rows: Iterable[tuple[date, str, str, Decimal]], pivot: str, pivot_per_foreign: bool
+) -> dict[date, dict[str, Decimal]]:
+    """One source's stored rows `(day, base, quote, rate)` as a `History` of
+    "1 pivot = r code".
+
+    A `foreign_per_pivot` source stores Quote(pivot, X) and is taken as it is; a
+    `pivot_per_foreign` source stores Quote(X, pivot) (1 X costs r pivot), inverted here once
+    (`1 / r` rounded to 15 significant digits). Rows in the other direction (a source that
+    publishes both) are used when the day has no row in the source's own direction; rows
+    that do not touch the pivot are ignored.
+    """
+    own: dict[date, dict[str, Decimal]] = {}
+    other: dict[date, dict[str, Decimal]] = {}
+    for day, base, quote, rate in rows:
+        if base == pivot and quote != pivot:
+            target, code, value = (other if pivot_per_foreign else own), quote, rate
+        elif quote == pivot and base != pivot:
+            target, code = (own if pivot_per_foreign else other), base
+            value = _INVERT.divide(Decimal(1), rate)
+        else:
+            continue
+        target.setdefault(day, {})[code] = value
+    for day, rates in other.items():
+        merged = own.setdefault(day, {})
+        for code, value in rates.items():
+            merged.setdefault(code, value)
+    return own

@@ -526,3 +526,25 @@ class TestCurrencies:
             "ZAR": ("Rand", "South African Rand"),
         }
         assert fk.encode(fk.currency_names(["PLN"])) == b'{"PLN":"Zloty"}'
+
+
+def test_sanic_request_parameters_are_read_as_lists() -> None:
+    # RequestParameters.get returns the first value as a str; parse_query must read the lists.
+    from sanic.request import RequestParameters
+
+    args = RequestParameters({"from": ["USD"], "to": ["EUR,GBP"], "amount": ["1", ""]})
+    with pytest.raises(fk.FrankfurterError, match="invalid amount"):
+        fk.parse_query(args)  # the last amount counts: "" is 422
+    assert fk.parse_query(RequestParameters({"from": ["USD"]})).base == "USD"
+
+
+def test_history_from_rows_rebases_through_the_pivot() -> None:
+    day = D("2024-02-27")
+    rows = [(day, "USD", "UAH", Decimal("41.5")), (day, "EUR", "UAH", Decimal("3")),
+            (day, "UAH", "PLN", Decimal("0.1")), (day, "USD", "EUR", Decimal("0.9"))]
+    history = fk.history_from_rows(rows, "UAH", pivot_per_foreign=True)
+    # 1 UAH = 1/41.5 USD, one rounding to 15 significant digits; the other direction fills in.
+    assert history == {day: {"USD": Decimal("0.0240963855421687"),
+                             "EUR": Decimal("0.333333333333333"), "PLN": Decimal("0.1")}}
+    ecb = fk.history_from_rows([(day, "EUR", "USD", Decimal("1.0856"))], "EUR", False)
+    assert ecb == {day: {"USD": Decimal("1.0856")}}

@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 from test_frankfurter import ecb_history
+from test_updater import upstream  # noqa: F401 - fixture
 
 import frankfurter as fk
 
@@ -219,24 +220,35 @@ def forward_to(base_url: str) -> Responder:
     return respond
 
 
-@pytest.mark.skip(reason="needs the Frankfurter routes (integrated by the lead)")
 async def test_client_against_xrates(
-    start_api: Callable[..., object], db_url: str, certificate: tuple[Path, Path]
+    start_api: Callable[..., object], db_url: str, certificate: tuple[Path, Path],
+    upstream: object,  # noqa: F811 - the fixture
 ) -> None:
-    """The same client against a real instance. The lead's integration fills its history
-    from the ECB source (e.g. `updater.py --once` with XRATES_ECB_URL at a fixture server);
-    until then the routes do not exist. Each call runs in a thread: the client blocks."""
+    """The same client against a real instance whose history was backfilled from the ECB
+    fixture (served over local HTTP); only its base URL is redirected. Each call runs in a
+    thread: the client blocks."""
     import asyncio
 
+    from test_frankfurter_routes import load_ecb_history
+
+    await load_ecb_history(db_url, upstream)
     api = await start_api(db_url, env={"XRATES_SOURCES": "ecb"})  # type: ignore[operator]
-    with TlsServer(forward_to(api.base_url), *certificate) as front:
+    with TlsServer(forward_to(api.base_url), *certificate) as front:  # type: ignore[attr-defined]
         client = load_client().FrankfurterEngine(quiet_mode=True)
         client._FrankfurterEngine__base_url = f"127.0.0.1:{front.port}/v1"
         currencies = await asyncio.to_thread(client.fetch_currencies)
-        assert "USD" in currencies
-        latest = await asyncio.to_thread(client.fetch_latest_data, "USD", "EUR")
-        assert set(latest) == {"amount", "base", "date", "rates"} and latest["base"] == "USD"
+        assert currencies["USD"] == "US Dollar" and len(currencies) == 31
+        latest = await asyncio.to_thread(client.fetch_latest_data, "USD", "EUR,GBP,IDR")
+        assert latest == {"amount": 1.0, "base": "USD", "date": "2024-02-27",
+                          "rates": {"EUR": 0.92115, "GBP": 0.78869, "IDR": 15637}}
+        day = await asyncio.to_thread(client.fetch_data_for_date, "2024-02-25", None, "USD")
+        assert day == {"amount": 1.0, "base": "EUR", "date": "2024-02-23",
+                       "rates": {"USD": 1.0834}}
         series = await asyncio.to_thread(
-            client.fetch_time_series_data, None, "EUR", latest["date"], None
+            client.fetch_time_series_data, None, "USD", "2024-02-24", "2024-02-26"
         )
-        assert set(series) == {"amount", "base", "start_date", "end_date", "rates"}
+        assert series["rates"] == {"2024-02-23": {"USD": 1.0834}, "2024-02-26": {"USD": 1.0852}}
+        converted = await asyncio.to_thread(client.convert_currency, 100, "EUR", "USD")
+        assert converted == pytest.approx(108.56)
+        with pytest.raises(Exception, match="StatusCode : 422"):
+            await asyncio.to_thread(client.fetch_data_for_date, "2024-02-30")
