@@ -27,13 +27,15 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from sources import SOURCE_NAMES
+from sources import FEEDS, SOURCE_NAMES
 
 ROOT = Path(__file__).resolve().parent
 SCHEMA_PATH = ROOT / "triggers.sql"
 SCHEMA_LOCK_KEY = 7_823_011_001  # pg_advisory_lock key serialising schema applies
 DEMO_INTERVAL_S = 10  # `util.py up` with only the demo source and no XRATES_INTERVAL
 KNOWN_SOURCES = SOURCE_NAMES  # every name XRATES_SOURCES and POST /v1/updates accept
+# Sources with a multi-day endpoint (--backfill), so an XRATES_<SOURCE>_HISTORY_URL.
+HISTORY_SOURCES = tuple(name for name, feed in FEEDS.items() if feed.history_requests)
 
 log = logging.getLogger("xrates.util")
 
@@ -196,7 +198,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     }
     history_urls = {
         name: env[f"XRATES_{name.upper()}_HISTORY_URL"]
-        for name in KNOWN_SOURCES
+        for name in HISTORY_SOURCES
         if env.get(f"XRATES_{name.upper()}_HISTORY_URL")
     }
     sources = _sources(env)
