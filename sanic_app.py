@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
@@ -469,9 +470,26 @@ def _query_params(*names: str) -> list[openapi.definitions.Parameter]:
 # ----------------------------------------------------------------------------- routes: rates
 @app.get("/v1/rates/<base:str>/<quote:str>", name="rate_get")
 @openapi.definition(
-    summary="One rate (served from the instance's cache)",
-    parameter=_path_params("base", "quote"),
-    response=_responses((200, "the rate", RATE_SCHEMA), (304, "not modified (If-None-Match)", {}),
+    summary="One rate (served from the instance's cache), or with ?date= a day of history",
+    description=("With `date=YYYY-MM-DD` (and optionally `source`): the newest day within "
+                 "[date - 14 days, date] on which some source (or `source`) quotes the pair "
+                 "directly or inversely, answered as {base, quote, rate, source, date, via}; "
+                 "a date before today is `public, max-age=86400`, else `no-cache`. `source` "
+                 "without `date` is 422."),
+    parameter=[*_path_params("base", "quote"),
+               openapi.definitions.Parameter("date", {"type": "string",
+                                                      "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+                                             location="query"),
+               openapi.definitions.Parameter("source", {"type": "string",
+                                                        "pattern": "^[a-z][a-z0-9_-]{0,31}$"},
+                                             location="query")],
+    response=_responses((200, "the rate", {"oneOf": [RATE_SCHEMA, {
+                            "type": "object", "properties": {
+                                "base": {"type": "string"}, "quote": {"type": "string"},
+                                "rate": {"type": "number"}, "source": {"type": "string"},
+                                "date": {"type": "string", "format": "date"},
+                                "via": {"type": "array", "items": {"type": "string"}}}}]}),
+                        (304, "not modified (If-None-Match)", {}),
                         (404, "no such rate", None), *_ERRORS_READ),
 )
 async def rate_get(request: Request, base: str, quote: str) -> HTTPResponse:
@@ -995,11 +1013,25 @@ FK_SERIES_BODY = {"type": "object", "properties": {
         "type": "object", "additionalProperties": {"type": "number"}}}}}
 
 
-@app.get("/v1/latest", name="fk_latest_v1")
-@app.get("/v1/current", name="fk_current_v1")
-@app.get("/latest", name="fk_latest")
-@app.get("/current", name="fk_current")
-@openapi.definition(
+def fk_routes(routes: tuple[tuple[str, str], ...], **definition: Any
+              ) -> Callable[[Callable[..., Awaitable[HTTPResponse]]], Any]:
+    """Register one handler under several (path, name) routes, each its own OpenAPI
+    operation (stacked route decorators would share one operationId)."""
+    def register(impl: Callable[..., Awaitable[HTTPResponse]]) -> Any:
+        for path, name in routes:
+            async def handler(request: Request, **params: str) -> HTTPResponse:
+                return await impl(request, **params)
+
+            handler.__name__ = handler.__qualname__ = name
+            app.add_route(openapi.definition(**definition)(handler), path, methods=["GET"],
+                          name=name)
+        return impl
+    return register
+
+
+@fk_routes(
+    (("/v1/latest", "fk_latest_v1"), ("/v1/current", "fk_current_v1"),
+     ("/latest", "fk_latest"), ("/current", "fk_current")),
     summary="Frankfurter v1: the newest day of the Frankfurter source, however old",
     description=("Frankfurter v1 compatible. Parameters are as lenient as v1's (`from` beats "
                  "`base`, `to` beats `symbols`, `amount` read like Ruby's to_f and > 0). "
@@ -1018,9 +1050,8 @@ async def fk_latest(request: Request) -> HTTPResponse:
     return fk_response(request, frankfurter.latest(history, FK_PIVOT, query, today), False)
 
 
-@app.get(f"/v1/<when:{_FK_WHEN}>", name="fk_when_v1")
-@app.get(f"/<when:{_FK_WHEN}>", name="fk_when")
-@openapi.definition(
+@fk_routes(
+    ((f"/v1/<when:{_FK_WHEN}>", "fk_when_v1"), (f"/<when:{_FK_WHEN}>", "fk_when")),
     summary="Frankfurter v1: one day (YYYY-MM-DD) or a time series (START..END, START..)",
     description=(
         "A day: each currency's newest value within 14 days before it. A series: only days "
@@ -1052,9 +1083,8 @@ async def fk_when(request: Request, when: str) -> HTTPResponse:
     return fk_response(request, body, end is not None and end < today)
 
 
-@app.get("/v1/currencies", name="fk_currencies_v1")
-@app.get("/currencies", name="fk_currencies")
-@openapi.definition(
+@fk_routes(
+    (("/v1/currencies", "fk_currencies_v1"), ("/currencies", "fk_currencies")),
     summary="Frankfurter v1: the currencies of the Frankfurter source, with ISO 4217 names",
     description="The codes quoted within 14 days of the source's newest day, plus its pivot; "
                 "`{}` when it has no data.",
