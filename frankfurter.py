@@ -1,5 +1,5 @@
 """Frankfurter v1 compatibility: the pure core behind `/v1/latest`, `/v1/{date}`, the time
-series `/v1/{start}..{end}` and `/v1/currencies` (SPEC §9).
+series `/v1/{start}..{end}` and `/v1/currencies`.
 
 No I/O, no clock, no Sanic, no SQL. The caller hands in one source's history, already
 normalised to "1 pivot = r units of code":
@@ -28,7 +28,7 @@ What is reproduced from Frankfurter's Ruby source (lineofflight/frankfurter, `li
 * Ranges snap the start back to the newest day with data <= start, key only days with data
   and drop a day whose base is missing; a start after today is 404.
 
-Deliberate differences (SPEC §9): `latest` answers the source's newest day however old,
+Deliberate differences (xrates contract): `latest` answers the source's newest day however old,
 where v1 looks back 14 days from `Date.today` only.
 """
 

@@ -42,7 +42,7 @@ SELECT_RATES_TOUCHING = (
     f"SELECT {_RATE_COLUMNS} FROM rate "
     "WHERE base = ANY($1::text[]) OR quote = ANY($1::text[])"
 )
-# History (SPEC §8): a day keeps the newest value a source gave for it; an identical value (or
+# History: a day keeps the newest value a source gave for it; an identical value (or
 # an older one of the same day) changes nothing, so re-storing a payload writes no row.
 HISTORY_ON_CONFLICT = (
     "ON CONFLICT (source, base, quote, day) DO UPDATE "
@@ -654,7 +654,7 @@ async def upsert_feed_rates(conn: asyncpg.Connection, source: str,
     return len(changed)
 
 
-# ===== history: SQL and functions (SPEC §8, §9) =====
+# ===== history: SQL and functions (history, Frankfurter routes) =====
 # The updater's history write: every day of a payload (deduplicated per day by the caller, as
 # one INSERT ... ON CONFLICT may not touch a row twice), in the source run's transaction, after
 # the current-table upsert (the API's lock order: rate rows, then history rows).

@@ -812,7 +812,7 @@ def content_response(request: Request, body: bytes, fixed: bool,
 
 
 def source_rank(source: str) -> tuple[int, str]:
-    """Priority order (SPEC §3): manual, then XRATES_SOURCES order, then any other A-Z."""
+    """Priority order: manual, then XRATES_SOURCES order, then any other A-Z."""
     if source == "manual":
         return (0, "")
     if source in SETTINGS.sources:
@@ -838,7 +838,7 @@ def best_per_day(rows: list[model.HistoryRow], base: str, quote: str
 
 async def path_on_day(store: model.Store, base: str, quote: str, start: date, end: date,
                       source: str | None) -> tuple[date, Decimal, str, list[str]] | None:
-    """Seam for SPEC §8's fallback: a path of at most two intermediate currencies whose legs
+    """Seam for the history fallback: a path of at most two intermediate currencies whose legs
     all fall on one day (the newest such day in [start, end]), ranked as /v1/convert ranks
     paths; (day, rate, source, via). Not implemented yet: None, so no direct or inverse
     quote means 404."""
@@ -853,7 +853,7 @@ def _history_rate_body(base: str, quote: str, rate: Decimal, source: str, day: d
 
 # ----------------------------------------------------------------------------- routes: history
 def wants_history(request: Request) -> bool:
-    """`GET /v1/rates/{base}/{quote}` with ?date= (or ?source=) reads history (SPEC §8)."""
+    """`GET /v1/rates/{base}/{quote}` with ?date= (or ?source=) reads history."""
     return "date" in request.args or "source" in request.args
 
 

@@ -168,7 +168,7 @@ def _sources(env: Mapping[str, str]) -> tuple[str, ...]:
 
 def _frankfurter_source(env: Mapping[str, str], sources: tuple[str, ...]) -> str:
     """XRATES_FRANKFURTER_SOURCE: any known source (its history may come from a backfill
-    alone); default the first of XRATES_SOURCES. Never `manual` (SPEC §9)."""
+    alone); default the first of XRATES_SOURCES. Never `manual`."""
     raw = env.get("XRATES_FRANKFURTER_SOURCE", "").strip().lower()
     if not raw:
         return sources[0]

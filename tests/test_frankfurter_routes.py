@@ -1,4 +1,4 @@
-"""The Frankfurter v1 routes (SPEC §9) and the xrates history reads (§8) through a real API
+"""The Frankfurter v1 routes and the xrates history reads through a real API
 instance whose history was backfilled from the recorded ECB 90-day file (served over local
 HTTP). Golden values come from that fixture, and every v1 body must equal what the pure
 frankfurter.py computes over the same file."""

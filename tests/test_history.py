@@ -1,4 +1,4 @@
-"""History storage (SPEC §8): the schema and its upgrade, the updater's writes of every day of a
+"""History storage: the schema and its upgrade, the updater's writes of every day of a
 payload, the API's writes and deletes, and `updater.py --backfill` on the recorded ECB 90-day
 file served over local HTTP. Real PostgreSQL, real HTTP, no mocks."""
 
