@@ -11,10 +11,10 @@ import json
 import logging
 import random
 import sys
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 
@@ -23,6 +23,7 @@ from cache import ABSENT_VERSION, Entry, FillToken, RateCache
 from listener import CHANNEL, DeleteRow, Feed, UpsertRow
 
 log = logging.getLogger("xrates.model")
+T = TypeVar("T")
 
 __all__ = ["CHANNEL"]  # re-exported: the notification channel's name lives in listener.py
 RUNS_CHANNEL = "xrates_runs"
@@ -44,17 +45,45 @@ SELECT_RATES = (
     "WHERE ($1::text IS NULL OR base = $1) AND ($2::text IS NULL OR quote = $2) "
     "ORDER BY base, quote"
 )
+# History: a day keeps the newest value a source gave for it; an identical value (or
+# an older one of the same day) changes nothing, so re-storing a payload writes no row.
+HISTORY_ON_CONFLICT = (
+    "ON CONFLICT (source, base, quote, day) DO UPDATE "
+    "SET rate = EXCLUDED.rate, as_of = EXCLUDED.as_of, updated_at = now() "
+    "WHERE h.rate <> EXCLUDED.rate AND EXCLUDED.as_of >= h.as_of"
+)
+# The API's writes record their value in the same statement: the CTE `written` runs first
+# (the history insert reads it), so the lock order is the rate row, then its history row, as
+# in the updater's transaction.
+_HISTORY_OF_WRITTEN = (
+    "recorded AS (INSERT INTO rate_history AS h (source, base, quote, day, rate, as_of) "
+    "SELECT source, base, quote, (as_of AT TIME ZONE 'UTC')::date, rate::numeric, as_of "
+    f"FROM written {HISTORY_ON_CONFLICT})"
+)
 INSERT_RATE = (
+    "WITH written AS ("
     "INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1, $2, $3, $4, $5) "
-    f"RETURNING {_RATE_COLUMNS}"
+    f"RETURNING {_RATE_COLUMNS}), {_HISTORY_OF_WRITTEN} "
+    "SELECT * FROM written"
 )
 UPSERT_RATE = (
+    "WITH written AS ("
     "INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1, $2, $3, $4, $5) "
     "ON CONFLICT (base, quote) DO UPDATE "
     "SET rate = EXCLUDED.rate, source = EXCLUDED.source, as_of = EXCLUDED.as_of "
-    f"RETURNING {_RATE_COLUMNS}, (xmax = 0) AS created"
+    f"RETURNING {_RATE_COLUMNS}, (xmax = 0) AS created), {_HISTORY_OF_WRITTEN} "
+    "SELECT * FROM written"
 )
 DELETE_RATE = "SELECT rate_delete($1, $2)"  # returns the tombstone's version, or NULL
+# A delete through the API also removes the pair's manual history entry of the deleted row's
+# day (a correction; feed history stays). One transaction: lock the row (taking it before
+# rate_delete does keeps the one lock order: rate row, floor row, history row), delete it,
+# then drop that day's manual entry.
+LOCK_RATE_AS_OF = "SELECT as_of FROM rate WHERE base = $1 AND quote = $2 FOR UPDATE"
+DELETE_MANUAL_HISTORY = (
+    "DELETE FROM rate_history WHERE source = 'manual' AND base = $1 AND quote = $2 "
+    "AND day = ($3::timestamptz AT TIME ZONE 'UTC')::date"
+)
 NOTIFY = "SELECT pg_notify($1, $2)"
 # `python util.py flush`: every instance forgets its cache (listener.py, op "flush"). For writes
 # that bypassed the notify triggers (session_replication_role = replica, DISABLE TRIGGER). The
@@ -440,6 +469,25 @@ class Store:
                     # connection rather than pay a ROLLBACK to reuse it.
                     conn.terminate()
 
+    async def _in_transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``work(conn)`` in one transaction on a pooled connection, bounded by the
+        database timeout; errors mapped as ``_call`` maps them."""
+        if self.pool is None:
+            raise Unavailable("database not connected yet")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self.pool.acquire() as conn:
+                    try:
+                        async with conn.transaction():
+                            return await work(conn)
+                    finally:
+                        if conn.is_in_transaction():  # cut short mid-transaction: see _call
+                            conn.terminate()
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            raise Conflict("rate already exists") from exc
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
+
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         return await self._call("fetchrow", sql, *args)
 
@@ -530,7 +578,8 @@ class Store:
 
     async def delete_rate(self, base: str, quote: str) -> None:
         token = self.cache.begin_fill(base + quote)
-        version = await self._guarded(token, self._call("fetchval", DELETE_RATE, base, quote))
+        version = await self._guarded(token, self._in_transaction(
+            functools.partial(_delete_with_history, base=base, quote=quote)))
         if version is None:
             self.cache.cancel_fill(token)
             raise NotFound(f"no rate for {base}/{quote}")
@@ -737,3 +786,118 @@ async def upsert_feed_rates(conn: asyncpg.Connection, source: str,
         list(outranking), [r[3] for r in rows],
     )
     return len(changed)
+
+
+# ===== history: SQL and functions (history, Frankfurter routes) =====
+# The updater's history write: every day of a payload (deduplicated per day by the caller, as
+# one INSERT ... ON CONFLICT may not touch a row twice), in the source run's transaction, after
+# the current-table upsert (the API's lock order: rate rows, then history rows).
+UPSERT_FEED_HISTORY = (
+    "INSERT INTO rate_history AS h (source, base, quote, day, rate, as_of) "
+    "SELECT $1, b, q, (a AT TIME ZONE 'UTC')::date, r, a "
+    "FROM unnest($2::text[], $3::text[], $4::numeric[], $5::timestamptz[]) AS t(b, q, r, a) "
+    f"{HISTORY_ON_CONFLICT} "
+    "RETURNING 1"
+)
+# A backfill run starts at once, like a scheduled one, and names its sources.
+INSERT_BACKFILL_RUN = (
+    "INSERT INTO update_run (trigger, status, started_at, runner, requested, progress_total) "
+    "VALUES ('backfill', 'running', now(), $1, $2::text[], cardinality($2::text[])) "
+    f"RETURNING {_UPDATER_RUN_COLUMNS}"
+)
+HAS_HISTORY = "SELECT EXISTS (SELECT 1 FROM rate_history WHERE source = $1)"
+# A pair in both directions over a day range, every source (or only $5): the ?date= and
+# /history reads (index rate_history_pair_day, one range per direction).
+SELECT_PAIR_HISTORY = (
+    "SELECT day, base, quote, rate::text AS rate, source FROM rate_history "
+    "WHERE ((base = $1 AND quote = $2) OR (base = $2 AND quote = $1)) "
+    "AND day BETWEEN $3 AND $4 AND ($5::text IS NULL OR source = $5) "
+    "ORDER BY day"
+)
+# One source's newest day on or before $2 (index rate_history_source_day).
+SELECT_SOURCE_NEWEST_DAY = (
+    "SELECT max(day) FROM rate_history WHERE source = $1 AND day <= $2"
+)
+# One source's rows against its pivot ($4) over a day range (the Frankfurter routes).
+SELECT_SOURCE_DAYS = (
+    "SELECT day, base, quote, rate::text AS rate FROM rate_history "
+    "WHERE source = $1 AND day BETWEEN $2 AND $3 AND (base = $4 OR quote = $4)"
+)
+
+
+class HistoryRow(NamedTuple):
+    """One stored history value: on `day`, 1 `base` cost `rate` `quote` (exact decimal)."""
+
+    day: date
+    base: str
+    quote: str
+    rate: Decimal
+    source: str
+
+
+def history_rows_of(quotes: Sequence[Any]) -> list[tuple[str, str, Decimal, datetime]]:
+    """(base, quote, rate, as_of) per (pair, UTC day) of a payload's quotes: the newest as_of
+    of each day (of equals, the first), sorted by pair and day so writers lock in one order."""
+    kept: dict[tuple[str, str, date], Any] = {}
+    for quote in quotes:
+        key = (quote.base, quote.quote, quote.as_of.astimezone(UTC).date())
+        if key not in kept or quote.as_of > kept[key].as_of:
+            kept[key] = quote
+    return [(q.base, q.quote, q.rate, q.as_of) for _, q in sorted(kept.items(),
+                                                                  key=lambda item: item[0])]
+
+
+async def upsert_feed_history(conn: asyncpg.Connection, source: str,
+                              rows: Sequence[tuple[str, str, Decimal, datetime]]) -> int:
+    """Store (base, quote, rate, as_of) rows as ``source``'s history (one row per pair and
+    day, see history_rows_of); how many rows were inserted or changed."""
+    if not rows:
+        return 0
+    changed = await conn.fetch(
+        UPSERT_FEED_HISTORY, source,
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+    )
+    return len(changed)
+
+
+async def insert_backfill_run(conn: asyncpg.Connection, runner: str,
+                              names: Sequence[str]) -> asyncpg.Record:
+    """A started run with trigger ``backfill`` for these sources."""
+    return await conn.fetchrow(INSERT_BACKFILL_RUN, runner, list(names))
+
+
+async def has_history(conn: asyncpg.Connection, source: str) -> bool:
+    """Whether ``source`` has any history yet (util.py up: the demo backfill runs once)."""
+    return await conn.fetchval(HAS_HISTORY, source)
+
+
+async def _delete_with_history(conn: asyncpg.Connection, *, base: str, quote: str) -> int | None:
+    """Store.delete_rate's transaction: the tombstone version, or None if there was no row."""
+    as_of = await conn.fetchval(LOCK_RATE_AS_OF, base, quote)
+    if as_of is None:
+        return None
+    version = await conn.fetchval(DELETE_RATE, base, quote)
+    await conn.execute(DELETE_MANUAL_HISTORY, base, quote, as_of)
+    return version
+
+
+async def pair_history(store: Store, base: str, quote: str, start: date, end: date,
+                       source: str | None = None) -> list[HistoryRow]:
+    """Every stored value of the pair, in either direction, on days [start, end] (oldest
+    first), from every source or only ``source``."""
+    records = await store._fetch(SELECT_PAIR_HISTORY, base, quote, start, end, source)
+    return [HistoryRow(r["day"], r["base"].strip(), r["quote"].strip(), Decimal(r["rate"]),
+                       r["source"]) for r in records]
+
+
+async def source_newest_day(store: Store, source: str, on_or_before: date) -> date | None:
+    """The newest day ``source`` has history for, on or before ``on_or_before``."""
+    return await store._call("fetchval", SELECT_SOURCE_NEWEST_DAY, source, on_or_before)
+
+
+async def source_days(store: Store, source: str, pivot: str, start: date,
+                      end: date) -> list[HistoryRow]:
+    """``source``'s rows against ``pivot`` (either direction) on days [start, end]."""
+    records = await store._fetch(SELECT_SOURCE_DAYS, source, start, end, pivot)
+    return [HistoryRow(r["day"], r["base"].strip(), r["quote"].strip(), Decimal(r["rate"]),
+                       source) for r in records]

@@ -12,6 +12,7 @@ import atexit
 import dataclasses
 import functools
 import gc
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -22,8 +23,9 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -36,10 +38,11 @@ from sanic_ext.extensions.http.extension import HTTPExtension
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 
 import convert as convert_paths  # "convert" is the route's name below
+import frankfurter
 import internals
 import metrics
 import model
-import sources as source_registry  # GET /v1/sources: public metadata
+import sources as source_registry  # GET /v1/sources, the Frankfurter source: public metadata
 import util
 from sources import MAX_DIGITS, MAX_RATE, MIN_RATE, significant_digits  # the contract §3 rate rules
 
@@ -397,24 +400,49 @@ _ERRORS_WRITE = (
 )
 
 
+def _parameter(name: str, schema: Any, **where: Any) -> Any:
+    """An OpenAPI parameter; ``schema`` a type or a JSON-schema dict (sanic-ext takes both,
+    its type hints name only the first)."""
+    return openapi.definitions.Parameter(name, schema, **where)
+
+
 def _path_params(*names: str) -> list[Any]:
-    return [openapi.definitions.Parameter(name, str, location="path", required=True)
+    return [_parameter(name, str, location="path", required=True)
             for name in names]
 
 
 def _query_params(*names: str) -> list[Any]:
-    return [openapi.definitions.Parameter(name, str, location="query") for name in names]
+    return [_parameter(name, str, location="query") for name in names]
 
 
 # ----------------------------------------------------------------------------- routes: rates
 @bp.get("/v1/rates/<base:str>/<quote:str>", name="rate_get")
 @openapi.definition(
-    summary="One rate (served from the instance's cache)",
-    parameter=_path_params("base", "quote"),
-    response=_responses((200, "the rate", RATE_SCHEMA), (304, "not modified (If-None-Match)", {}),
+    summary="One rate (served from the instance's cache), or with ?date= a day of history",
+    description=("With `date=YYYY-MM-DD` (and optionally `source`): the newest day within "
+                 "[date - 14 days, date] on which some source (or `source`) quotes the pair "
+                 "directly or inversely, answered as {base, quote, rate, source, date, via}; "
+                 "a date before today is `public, max-age=86400`, else `no-cache`. `source` "
+                 "without `date` is 422."),
+    parameter=[*_path_params("base", "quote"),
+               _parameter("date", {"type": "string",
+                                                      "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+                                             location="query"),
+               _parameter("source", {"type": "string",
+                                                        "pattern": "^[a-z][a-z0-9_-]{0,31}$"},
+                                             location="query")],
+    response=_responses((200, "the rate", {"oneOf": [RATE_SCHEMA, {
+                            "type": "object", "properties": {
+                                "base": {"type": "string"}, "quote": {"type": "string"},
+                                "rate": {"type": "number"}, "source": {"type": "string"},
+                                "date": {"type": "string", "format": "date"},
+                                "via": {"type": "array", "items": {"type": "string"}}}}]}),
+                        (304, "not modified (If-None-Match)", {}),
                         (404, "no such rate", None), *_ERRORS_READ),
 )
 async def rate_get(request: Request, base: str, quote: str) -> HTTPResponse:
+    if request.query_string and wants_history(request):  # ?date=: a day of history (§8)
+        return await rate_on_day(request, base, quote)
     store = store_of(request)
     # The cache only ever holds keys of valid, upper-case, distinct pairs (rows of the table,
     # or requests validated below), so a hit on the raw path is a hit on the validated pair.
@@ -737,6 +765,365 @@ async def openapi_json(request: Request) -> HTTPResponse:
     return json_response(SpecificationBuilder().build(request.app).serialize())
 
 
+# ----------------------------------------------------------------------------- history: shared
+# Responses about fixed past days may be kept by shared caches for a day; anything covering
+# today revalidates. Both carry a content ETag, so it changes whenever the content does.
+PAST_CACHE = "public, max-age=86400"
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
+LOOKBACK_DAYS = 14  # ?date= and Frankfurter's snapping look back this many days
+_WIDE = Context(prec=60, rounding=ROUND_HALF_EVEN)  # an inverse before plain()'s one rounding
+MAX_SPAN_DAYS = 3652  # /history: end - start at most ten years
+
+
+def utc_today() -> date:
+    return datetime.now(UTC).date()
+
+
+def days_before(day: date, days: int) -> date:
+    """``day - days``, clamped at the first representable date."""
+    return day - timedelta(days=days) if day.toordinal() > days else date.min
+
+
+def parse_day_arg(value: str, field: str) -> date:
+    """A query date YYYY-MM-DD; 422 for anything else, and for days that do not exist."""
+    if not _ISO_DAY.match(value):
+        raise invalid(field, "must be a date YYYY-MM-DD")
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise invalid(field, "is not a real date") from None
+
+
+def content_response(request: Request, body: bytes, fixed: bool,
+                     content_type: str = JSON_TYPE) -> HTTPResponse:
+    """200 (or 304 on a matching If-None-Match) with a content ETag and the §8 caching."""
+    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    headers = {"ETag": etag, "Cache-Control": PAST_CACHE if fixed else "no-cache"}
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and etag_matches(if_none_match, etag):
+        return HTTPResponse(status=304, headers=headers)
+    return HTTPResponse(body, content_type=content_type, headers=headers)
+
+
+def source_rank(source: str, sources: tuple[str, ...]) -> tuple[int, str]:
+    """Priority order: manual, then XRATES_SOURCES order, then any other A-Z."""
+    if source == "manual":
+        return (0, "")
+    if source in sources:
+        return (1 + sources.index(source), "")
+    return (1 + len(sources), source)
+
+
+def best_per_day(rows: list[model.HistoryRow], base: str, quote: str,
+                 sources: tuple[str, ...]) -> dict[date, tuple[Decimal, str]]:
+    """Each day's value of base/quote: the highest-priority source quoting it directly or
+    inversely that day (of one source, direct before inverse); the inverse is 1/r."""
+    best: dict[date, tuple[tuple[tuple[int, str], int], model.HistoryRow]] = {}
+    for row in rows:
+        rank = (source_rank(row.source, sources), 0 if row.base == base else 1)
+        if row.day not in best or rank < best[row.day][0]:
+            best[row.day] = (rank, row)
+    picked = {}
+    for day, (_, row) in best.items():
+        rate = row.rate if row.base == base else _WIDE.divide(1, row.rate)
+        picked[day] = (rate, row.source)
+    return picked
+
+
+async def path_on_day(store: model.Store, base: str, quote: str, start: date, end: date,
+                      source: str | None) -> tuple[date, Decimal, str, list[str]] | None:
+    """Seam for the history fallback: a path of at most two intermediate currencies whose legs
+    all fall on one day (the newest such day in [start, end]), ranked as /v1/convert ranks
+    paths; (day, rate, source, via). Not implemented yet: None, so no direct or inverse
+    quote means 404."""
+    return None
+
+
+def _history_rate_body(base: str, quote: str, rate: Decimal, source: str, day: date,
+                       via: list[str]) -> str:
+    return (f'{{"base":"{base}","quote":"{quote}","rate":{plain(rate)},'
+            f'"source":{json.dumps(source)},"date":"{day.isoformat()}","via":{json.dumps(via)}}}')
+
+
+# ----------------------------------------------------------------------------- routes: history
+def wants_history(request: Request) -> bool:
+    """`GET /v1/rates/{base}/{quote}` with ?date= (or ?source=) reads history."""
+    return "date" in request.args or "source" in request.args
+
+
+async def rate_on_day(request: Request, base: str, quote: str) -> HTTPResponse:
+    """`?date=YYYY-MM-DD[&source=S]`: the pair's value on the newest day of [date - 14, date]
+    on which some source (or S) quotes it directly or inversely."""
+    base, quote = parse_pair(base, quote)
+    raw_day = query_arg(request, "date")
+    if raw_day is None:
+        raise invalid("date", "is required with source")
+    day = parse_day_arg(raw_day, "date")
+    raw_source = query_arg(request, "source")
+    source = parse_source(raw_source) if raw_source is not None else None
+    store = store_of(request)
+    start = days_before(day, LOOKBACK_DAYS)
+    picked = best_per_day(await model.pair_history(store, base, quote, start, day, source),
+                          base, quote, settings_of(request).sources)
+    if picked:
+        used = max(picked)
+        rate, used_source = picked[used]
+        via: list[str] = []
+    else:
+        found = await path_on_day(store, base, quote, start, day, source)
+        if found is None:
+            raise ApiError(404, f"no rate for {base}/{quote} within {LOOKBACK_DAYS} days "
+                                f"up to {day.isoformat()}")
+        used, rate, used_source, via = found
+    body = _history_rate_body(base, quote, rate, used_source, used, via).encode()
+    return content_response(request, body, fixed=day < utc_today())
+
+
+HISTORY_RATE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "base": {"type": "string"}, "quote": {"type": "string"}, "rate": {"type": "number"},
+        "source": {"type": "string"}, "date": {"type": "string", "format": "date"},
+        "via": {"type": "array", "items": {"type": "string"}},
+    },
+}
+_DAY_PARAM = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
+_SOURCE_PARAM = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$"}
+
+
+@bp.get("/v1/rates/<base:str>/<quote:str>/history", name="rate_history")
+@openapi.definition(
+    summary="A pair's daily history (oldest first)",
+    description=(
+        "For each day in [start, end] with a value: the highest-priority source quoting the "
+        "pair directly or inversely that day (or only `source`). `end` defaults to today "
+        "(UTC). `start` after `end`, or `end - start` over 3652 days, is 422; a day that does "
+        "not exist (2024-02-30) is 422. `start_date`/`end_date` are the first and last days "
+        "returned. A range ending before today is `Cache-Control: public, max-age=86400` "
+        "(a later correction reaches shared caches within a day); one covering today is "
+        "`no-cache`. Both carry an ETag that changes with the content."),
+    parameter=[*_path_params("base", "quote"),
+               _parameter("start", _DAY_PARAM, location="query",
+                                             required=True),
+               _parameter("end", _DAY_PARAM, location="query"),
+               _parameter("source", _SOURCE_PARAM, location="query")],
+    response=_responses((200, "the history", {
+        "type": "object", "properties": {
+            "base": {"type": "string"}, "quote": {"type": "string"},
+            "start_date": {"type": "string", "format": "date"},
+            "end_date": {"type": "string", "format": "date"},
+            "rates": {"type": "array", "items": {"type": "object", "properties": {
+                "date": {"type": "string", "format": "date"}, "rate": {"type": "number"},
+                "source": {"type": "string"},
+                "via": {"type": "array", "items": {"type": "string"}}}}}}}),
+        (304, "not modified (If-None-Match)", {}),
+        (404, "no day with data in the range", None), *_ERRORS_READ),
+)
+async def rate_history(request: Request, base: str, quote: str) -> HTTPResponse:
+    base, quote = parse_pair(base, quote)
+    raw_start, raw_end = query_arg(request, "start"), query_arg(request, "end")
+    if raw_start is None:
+        raise invalid("start", "is required")
+    start = parse_day_arg(raw_start, "start")
+    today = utc_today()
+    end = parse_day_arg(raw_end, "end") if raw_end is not None else today
+    if start > end:
+        raise invalid("start", "must not be after end")
+    if (end - start).days > MAX_SPAN_DAYS:
+        raise invalid("end", f"the range spans more than {MAX_SPAN_DAYS} days")
+    raw_source = query_arg(request, "source")
+    source = parse_source(raw_source) if raw_source is not None else None
+    rows = await model.pair_history(store_of(request), base, quote, start, end, source)
+    picked = best_per_day(rows, base, quote, settings_of(request).sources)
+    if not picked:
+        raise ApiError(404, f"no rate for {base}/{quote} between {start} and {end}")
+    days = sorted(picked)
+    items = ",".join(
+        f'{{"date":"{day.isoformat()}","rate":{plain(picked[day][0])},'
+        f'"source":{json.dumps(picked[day][1])},"via":[]}}' for day in days)
+    body = (f'{{"base":"{base}","quote":"{quote}","start_date":"{days[0].isoformat()}",'
+            f'"end_date":"{days[-1].isoformat()}","rates":[{items}]}}').encode()
+    return content_response(request, body, fixed=end < today)
+
+
+# ----------------------------------------------------------------------------- routes: Frankfurter v1
+# Frankfurter's frozen v1 (https://frankfurter.dev/v1/), under /v1 and unversioned, over one
+# source's history (XRATES_FRANKFURTER_SOURCE) rebased to "1 pivot = r code"; the pure rules
+# are frankfurter.py's. Its own error dialect: {"message": ...} with v1's statuses, no-store.
+@dataclasses.dataclass(frozen=True)
+class FrankfurterSource:
+    """The source behind the Frankfurter routes and how its rows read as "1 pivot = r code"."""
+
+    name: str
+    pivot: str
+    pivot_per_foreign: bool
+
+    @classmethod
+    def of(cls, name: str) -> FrankfurterSource:
+        feed = source_registry.FEEDS.get(name)
+        if feed is None:  # demo: EUR -> X, like ECB
+            return cls(name, "EUR", False)
+        return cls(name, feed.pivot, feed.base_direction == source_registry.PIVOT_PER_FOREIGN)
+
+
+def fk_source(request: Request) -> FrankfurterSource:
+    return request.app.ctx.frankfurter
+
+
+FK_TYPE = "application/json; charset=utf-8"
+_FK_DAY = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+_FK_WHEN = rf"{_FK_DAY}(?:\.\.(?:{_FK_DAY})?)?"
+FK_PARAMS = [_parameter(name, str, location="query")
+             for name in ("from", "base", "to", "symbols", "amount")]
+FK_MESSAGE_SCHEMA = {"type": "object", "properties": {"message": {"type": "string"}}}
+
+
+def _fk_responses(body: dict[str, Any], *errors: tuple[int, str]) -> list[Any]:
+    """v1 bodies and {"message"} errors are `application/json; charset=utf-8`; a 503 is
+    xrates' own {"error"}."""
+    described = [openapi.definitions.Response({FK_TYPE: {"schema": body}}, status=200,
+                                              description="v1 body"),
+                 *_responses((304, "not modified (If-None-Match)", {}))]
+    described += [openapi.definitions.Response({FK_TYPE: {"schema": FK_MESSAGE_SCHEMA}},
+                                               status=status, description=what)
+                  for status, what in errors]
+    return [*described, *_responses((503, "database unavailable", None))]
+
+
+async def on_frankfurter_error(request: Request, exc: frankfurter.FrankfurterError
+                               ) -> HTTPResponse:
+    return HTTPResponse(json.dumps(exc.body()).encode(), status=exc.status,
+                        content_type=FK_TYPE, headers={"Cache-Control": "no-store"})
+
+
+def fk_args(request: Request) -> frankfurter.QueryArgs:
+    return request.get_args(keep_blank_values=True)
+
+
+async def fk_history(store: model.Store, fk: FrankfurterSource, start: date,
+                     end: date) -> frankfurter.History:
+    rows = await model.source_days(store, fk.name, fk.pivot, start, end)
+    return frankfurter.history_from_rows(((r.day, r.base, r.quote, r.rate) for r in rows),
+                                         fk.pivot, fk.pivot_per_foreign)
+
+
+def fk_response(request: Request, body: Mapping[str, object], fixed: bool) -> HTTPResponse:
+    return content_response(request, frankfurter.encode(body), fixed, FK_TYPE)
+
+
+FK_RATES_BODY = {"type": "object", "properties": {
+    "amount": {"type": "number"}, "base": {"type": "string"},
+    "date": {"type": "string", "format": "date"},
+    "rates": {"type": "object", "additionalProperties": {"type": "number"}}}}
+FK_SERIES_BODY = {"type": "object", "properties": {
+    "amount": {"type": "number"}, "base": {"type": "string"},
+    "start_date": {"type": "string", "format": "date"},
+    "end_date": {"type": "string", "format": "date"},
+    "rates": {"type": "object", "additionalProperties": {
+        "type": "object", "additionalProperties": {"type": "number"}}}}}
+
+
+def fk_routes(routes: tuple[tuple[str, str], ...], **definition: Any
+              ) -> Callable[[Callable[..., Awaitable[HTTPResponse]]], Any]:
+    """Register one handler under several (path, name) routes, each its own OpenAPI
+    operation (stacked route decorators would share one operationId)."""
+    def register(impl: Callable[..., Awaitable[HTTPResponse]]) -> Any:
+        for path, name in routes:
+            async def handler(request: Request, **params: str) -> HTTPResponse:
+                return await impl(request, **params)
+
+            handler.__name__ = handler.__qualname__ = name
+            bp.add_route(openapi.definition(**definition)(handler), path, methods=["GET"],
+                         name=name)
+        return impl
+    return register
+
+
+@fk_routes(
+    (("/v1/latest", "fk_latest_v1"), ("/v1/current", "fk_current_v1"),
+     ("/latest", "fk_latest"), ("/current", "fk_current")),
+    summary="Frankfurter v1: the newest day of the Frankfurter source, however old",
+    description=("Frankfurter v1 compatible. Parameters are as lenient as v1's (`from` beats "
+                 "`base`, `to` beats `symbols`, `amount` read like Ruby's to_f and > 0). "
+                 "`no-cache` with an ETag that changes with the content."),
+    parameter=FK_PARAMS,
+    response=_fk_responses(FK_RATES_BODY, (404, "not found"),
+                           (422, "invalid amount / bad currency pair")),
+)
+async def fk_latest(request: Request) -> HTTPResponse:
+    query = frankfurter.parse_query(fk_args(request))
+    store, fk, today = store_of(request), fk_source(request), utc_today()
+    newest = await model.source_newest_day(store, fk.name, today)
+    if newest is None:
+        raise frankfurter.FrankfurterError(404, frankfurter.NOT_FOUND)
+    history = await fk_history(store, fk, days_before(newest, LOOKBACK_DAYS), newest)
+    return fk_response(request, frankfurter.latest(history, fk.pivot, query, today), False)
+
+
+@fk_routes(
+    ((f"/v1/<when:{_FK_WHEN}>", "fk_when_v1"), (f"/<when:{_FK_WHEN}>", "fk_when")),
+    summary="Frankfurter v1: one day (YYYY-MM-DD) or a time series (START..END, START..)",
+    description=(
+        "A day: each currency's newest value within 14 days before it. A series: only days "
+        "with data, the start snapped back to the newest day with data on or before it, the "
+        "end today when omitted; a start after today is 404. A response about days before "
+        "today is `public, max-age=86400`, one covering today `no-cache` (a later correction "
+        "reaches shared caches within a day); both with an ETag. 422 invalid date."),
+    parameter=[_parameter(
+        "when", {"type": "string", "pattern": f"^{_FK_WHEN}$"}, location="path",
+        required=True), *FK_PARAMS],
+    response=_fk_responses({"oneOf": [FK_RATES_BODY, FK_SERIES_BODY]}, (404, "not found"),
+                           (422, "invalid amount / invalid date / bad currency pair")),
+)
+async def fk_when(request: Request, when: str) -> HTTPResponse:
+    query = frankfurter.parse_query(fk_args(request), when)  # validates `when` in v1's order
+    store, fk, today = store_of(request), fk_source(request), utc_today()
+    if ".." not in when:
+        day = frankfurter.parse_day(when)
+        history = await fk_history(store, fk, days_before(day, LOOKBACK_DAYS), day)
+        return fk_response(request, frankfurter.on_day(history, fk.pivot, query, day),
+                           day < today)
+    start, end = frankfurter.parse_range(when)
+    if start > today:
+        raise frankfurter.FrankfurterError(404, frankfurter.NOT_FOUND)
+    last = today if end is None else end
+    first = await model.source_newest_day(store, fk.name, start) or start
+    history = await fk_history(store, fk, first, last) if first <= last else {}
+    body = frankfurter.series(history, fk.pivot, query, start, end, today)
+    return fk_response(request, body, end is not None and end < today)
+
+
+@fk_routes(
+    (("/v1/currencies", "fk_currencies_v1"), ("/currencies", "fk_currencies")),
+    summary="Frankfurter v1: the currencies of the Frankfurter source, with ISO 4217 names",
+    description="The codes quoted within 14 days of the source's newest day, plus its pivot; "
+                "`{}` when it has no data.",
+    response=_fk_responses({"type": "object", "additionalProperties": {"type": "string"}}),
+)
+async def fk_currencies(request: Request) -> HTTPResponse:
+    store, fk = store_of(request), fk_source(request)
+    newest = await model.source_newest_day(store, fk.name, utc_today())
+    codes: set[str] = set()
+    if newest is not None:
+        history = await fk_history(store, fk, days_before(newest, LOOKBACK_DAYS), newest)
+        codes = {code for rates in history.values() for code in rates} | {fk.pivot}
+    return fk_response(request, frankfurter.currency_names(codes), False)
+
+
+FK_VERSION_BODY = frankfurter.encode({"version": "v1", "status": "frozen",
+                                      "openapi": "/openapi.json", "docs": "/docs"})
+
+
+@bp.get("/v1", name="fk_version")
+@openapi.definition(summary="Frankfurter v1: the version document",
+                    response=[openapi.definitions.Response(
+                        {FK_TYPE: {"schema": {"type": "object"}}}, status=200,
+                        description="version")])
+async def fk_version(request: Request) -> HTTPResponse:
+    return HTTPResponse(FK_VERSION_BODY, content_type=FK_TYPE,
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
 # ----------------------------------------------------------------------------- the factory
 def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
     """The application for these settings: routes, middleware, error maps and lifecycle.
@@ -745,6 +1132,7 @@ def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
     util.setup_logging(settings)
     app = Sanic(name, log_config=util.sanic_log_config(settings))
     app.ctx.settings = settings
+    app.ctx.frankfurter = FrankfurterSource.of(settings.frankfurter_source)
     app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.CORS = False  # ours, for reads only: READ_CORS, preflight() and common_headers()
@@ -768,6 +1156,7 @@ def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
     app.after_server_stop(stop_store)
     app.on_request(preflight)
     app.on_response(common_headers)
+    app.exception(frankfurter.FrankfurterError)(on_frankfurter_error)
     app.exception(model.XratesError)(on_xrates_error)
     app.exception(SanicException)(on_sanic_error)
     app.exception(Exception)(on_unexpected)

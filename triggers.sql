@@ -301,3 +301,43 @@ CREATE TABLE IF NOT EXISTS updater_schedule (
     runner     text        NOT NULL,  -- the leader that recorded it (host:pid)
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- ---------------------------------------------------------------- history
+-- Every value any source published for a day: (source, base, quote, day), day = the UTC date of
+-- as_of. Written by whoever writes the data, in the same transaction as the current-table write
+-- (the updater for every day of a payload, the API for its writes); never derived from `rate`,
+-- which keeps only the priority winner. A day keeps the newest value a source gave for it; an
+-- identical value changes nothing (see model.HISTORY_UPSERT). No triggers: history sends no
+-- notifications (caches hold the current table only).
+CREATE TABLE IF NOT EXISTS rate_history (
+    source     text        NOT NULL CHECK (source ~ '^[a-z][a-z0-9_-]{0,31}$'),
+    base       char(3)     NOT NULL CHECK (base ~ '^[A-Z]{3}$'),
+    quote      char(3)     NOT NULL CHECK (quote ~ '^[A-Z]{3}$'),
+    day        date        NOT NULL,
+    rate       numeric     NOT NULL CHECK (rate >= 1e-12 AND rate < 1e12),
+    as_of      timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, base, quote, day),
+    CHECK (base <> quote),
+    CHECK (day = (as_of AT TIME ZONE 'UTC')::date)
+);
+-- Per-pair day lookups across sources (?date=, /history: both directions of a pair).
+CREATE INDEX IF NOT EXISTS rate_history_pair_day ON rate_history (base, quote, day);
+-- One source's days (the Frankfurter routes: newest day, a day's rows, ranges).
+CREATE INDEX IF NOT EXISTS rate_history_source_day ON rate_history (source, day);
+
+-- update_run.trigger accepts 'backfill' (python updater.py --backfill). Databases created
+-- before carry the inline CHECK of two values: replace it, once (the DO block leaves an
+-- already-upgraded constraint alone, so applying this file again takes no table lock).
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_constraint
+        WHERE conrelid = 'update_run'::regclass AND conname = 'update_run_trigger_check'
+          AND pg_get_constraintdef(oid) LIKE '%backfill%'
+    ) THEN
+        ALTER TABLE update_run DROP CONSTRAINT IF EXISTS update_run_trigger_check;
+        ALTER TABLE update_run ADD CONSTRAINT update_run_trigger_check
+            CHECK (trigger IN ('schedule', 'manual', 'backfill'));
+    END IF;
+END $$;

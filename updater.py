@@ -3,6 +3,8 @@
     python updater.py            run forever: a run at start, then every XRATES_INTERVAL s (±10 %)
     python updater.py --once     one run of every configured source; exit 0 only if all succeeded
     python updater.py --check    exit 0 if the database answers and an updater holds the leader lock
+    python updater.py --backfill DAYS [--sources a,b]
+                                 fill DAYS days of history (a recorded run, trigger backfill)
 
 Several updaters may run (HA): the one holding a PostgreSQL advisory lock on a dedicated
 connection runs jobs; the others retry the lock every ~0.5 s and take over within seconds when
@@ -22,7 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -48,6 +50,8 @@ MAX_BACKOFF_S = 5.0
 ORPHANED_ERROR = "updater died (leader lost)"
 SHUTDOWN_ERROR = "interrupted by shutdown"
 LEADER_LOST_ERROR = "leader lock lost"
+DAY_S = 86_400
+MAX_BACKFILL_DAYS = 36_600  # about a century: ECB's full file starts in 1999
 
 T = TypeVar("T")
 
@@ -125,6 +129,23 @@ def find_jump(quotes: Sequence[sources.Quote], stored: Sequence[asyncpg.Record],
     more = f" (and {len(jumps) - 1} more pair(s))" if len(jumps) > 1 else ""
     return (f"rejected by the jump guard: {pair} moved {jump:.2%} ({old} -> {new}), "
             f"over XRATES_MAX_JUMP {max_jump:.2%}{more}")
+
+
+def backfill_window(today: date, days: int) -> tuple[date, date]:
+    """The first and last UTC day of a backfill of ``days`` days ending ``today``."""
+    return today - timedelta(days=max(days, 1) - 1), today
+
+
+def demo_history(today: date, days: int) -> list[sources.Quote]:
+    """The offline demo's deterministic history: one value per day, ``demo_quotes`` at each
+    day's midnight UTC with one walk step per day (so every process, every run, gives the
+    same days; consecutive days differ by at most ~0.3 %)."""
+    first, _ = backfill_window(today, days)
+    quotes: list[sources.Quote] = []
+    for offset in range((today - first).days + 1):
+        midnight = datetime.combine(first + timedelta(days=offset), datetime.min.time(), UTC)
+        quotes += sources.demo_quotes(midnight, DAY_S)
+    return quotes
 
 
 def summarise_failures(failures: dict[str, str]) -> str:
@@ -360,6 +381,44 @@ class Updater:
         finally:
             await self._drop_lock()
 
+    # -- backfill -------------------------------------------------------------------------
+    async def run_backfill(self, days: int, names: Sequence[str]) -> dict[str, Any]:
+        """``--backfill DAYS``: one recorded run (trigger ``backfill``) that reads each named
+        source's multi-day endpoint and stores every day as history, plus the current table
+        under the usual as_of rule. Idempotent. It takes no leader lock: it may run beside a
+        leading updater (both write through the same priority and as_of rules), and a
+        source without a multi-day endpoint fails alone."""
+        conn = await self._data_conn()
+        run = await model.insert_backfill_run(conn, self.runner, list(names))
+        run_id = run["id"]
+        log.info("event=run_started run_id=%s trigger=backfill days=%d sources=%s runner=%s",
+                 run_id, days, ",".join(names), self.runner)
+        failures: dict[str, str] = {}
+        error: str | None = None
+        try:
+            for name in names:
+                if self.stopping:
+                    raise Interrupted(SHUTDOWN_ERROR)
+                result = await self._run_source(conn, name, backfill_days=days)
+                if result["error"] is not None:
+                    failures[name] = result["error"]
+                await model.record_source_result(conn, run_id, name, result)
+            error = summarise_failures(failures) if failures else None
+        except Interrupted:
+            error = SHUTDOWN_ERROR
+        except BaseException as exc:
+            await self._finish_quietly(conn, run_id, f"{type(exc).__name__}: {exc}")
+            raise
+        status = "failed" if error is not None else "succeeded"
+        finished = await model.finish_run(conn, run_id, status, error)
+        if finished is None:  # an updater taking the lead marked it orphaned meanwhile
+            finished = await model.get_updater_run(conn, run_id)
+        assert finished is not None  # runs are never deleted while running
+        log.log(logging.INFO if status == "succeeded" else logging.WARNING,
+                "event=run_finished run_id=%s status=%s error=%r", run_id, finished["status"],
+                finished["error"])
+        return {**model.run_from_record(finished), "runner": finished["runner"]}
+
     # -- a run ----------------------------------------------------------------------------
     async def _execute(self, run: asyncpg.Record) -> dict[str, Any]:
         """Run every source of a claimed run, record progress, finish it; the finished run."""
@@ -418,18 +477,25 @@ class Updater:
             log.warning("event=run_unfinished run_id=%s error=%r cause=%r", run_id, error,
                         f"{type(exc).__name__}: {exc}")
 
-    async def _run_source(self, conn: asyncpg.Connection, name: str) -> dict[str, Any]:
+    async def _run_source(self, conn: asyncpg.Connection, name: str,
+                          backfill_days: int | None = None) -> dict[str, Any]:
         """Fetch, parse, guard and write one source; its {fetched, changed, error, currencies}
-        (``currencies``: the sorted codes of the quotes fetched, the pivot included)."""
+        (``currencies``: the sorted codes of the quotes fetched, the pivot included).
+
+        ``backfill_days``: read the source's multi-day endpoint instead (``--backfill``);
+        ``fetched`` then counts the payload's quotes of every day, not the pairs.
+        """
         started = time.perf_counter()
         fetched = changed = 0
         error: str | None = None
         currencies: list[str] = []
         try:
-            quotes = dedupe(await self._interruptible(self._fetch_quotes(name)))
-            fetched = len(quotes)
+            payload = await self._interruptible(self._fetch_quotes(name, backfill_days))
+            quotes = dedupe(payload)
+            fetched = len(quotes) if backfill_days is None else len(payload)
             currencies = sorted({code for q in quotes for code in (q.base, q.quote)})
-            changed = await self._write(conn, name, quotes)
+            changed = await self._write(conn, name, quotes, payload,
+                                        backfill=backfill_days is not None)
         except (sources.SourceError, JumpRejected) as exc:
             error = str(exc)
         except asyncpg.PostgresError as exc:
@@ -467,23 +533,44 @@ class Updater:
             raise LeaderLost("the lock connection ended during a fetch")
         raise Interrupted(SHUTDOWN_ERROR)
 
-    async def _fetch_quotes(self, name: str) -> list[sources.Quote]:
+    async def _fetch_quotes(self, name: str, backfill_days: int | None = None
+                            ) -> list[sources.Quote]:
         settings = self.settings
+        now = datetime.now(UTC)
         if name == "demo":
-            return sources.demo_quotes(datetime.now(UTC), settings.interval_s)
+            if backfill_days is not None:
+                return demo_history(now.date(), backfill_days)
+            return sources.demo_quotes(now, settings.interval_s)
         feed = sources.FEEDS.get(name)
         if feed is None:
             raise sources.SourceError(f"unknown source {name!r}")
         if self.client is None:
             self.client = sources.make_client()
-        return await sources.fetch_quotes(
-            feed, self.client, today=datetime.now(UTC).date(),
+        if backfill_days is None:
+            return await sources.fetch_quotes(
+                feed, self.client, today=now.date(),
+                url_override=settings.source_urls.get(name),
+                timeout_s=settings.fetch_timeout_s, attempts=settings.fetch_attempts)
+        quotes = await sources.fetch_quotes(
+            feed, self.client, today=now.date(), history=True, days=backfill_days,
             url_override=settings.source_urls.get(name),
+            history_url_override=settings.history_urls.get(name),
             timeout_s=settings.fetch_timeout_s, attempts=settings.fetch_attempts)
+        # Some endpoints give more than asked (ECB's full file since 1999 beyond 90 days, a
+        # year file): a backfill of N days stores those N days.
+        first = backfill_window(now.date(), backfill_days)[0]
+        return [q for q in quotes if q.as_of.astimezone(UTC).date() >= first]
 
     async def _write(self, conn: asyncpg.Connection, name: str,
-                     quotes: Sequence[sources.Quote]) -> int:
-        """One transaction: read the stored rows, apply the jump guard, bulk upsert, commit.
+                     quotes: Sequence[sources.Quote],
+                     payload: Sequence[sources.Quote] = (), *, backfill: bool = False) -> int:
+        """One transaction: read the stored rows, apply the jump guard, bulk upsert, store
+        every day of ``payload`` as history, commit.
+
+        A backfill skips the jump guard (it protects the current table, which a backfill
+        only moves forward under the as_of rule) and needs no leader lock (an idempotent
+        write that any process may make beside the leader's runs). A run the guard
+        rejects writes nothing, history included.
 
         The guard reads without FOR UPDATE on purpose: row locks taken before the upsert's
         INSERT trigger takes its per-key advisory lock would invert the lock order of contract §3
@@ -495,11 +582,15 @@ class Updater:
         rows = [(q.base, q.quote, q.rate, q.as_of) for q in quotes]
         async with asyncio.timeout(WRITE_TIMEOUT_S), conn.transaction():
             stored = await model.stored_rates(conn, [(q.base, q.quote) for q in quotes])
-            reason = find_jump(quotes, stored, outranking, self.settings.max_jump)
-            if reason is not None:
-                raise JumpRejected(reason)
+            if not backfill:
+                reason = find_jump(quotes, stored, outranking, self.settings.max_jump)
+                if reason is not None:
+                    raise JumpRejected(reason)
             changed = await model.upsert_feed_rates(conn, name, rows, outranking)
-            await self._check_leader(conn)  # losing the lock rolls this back
+            # After the current rows: the lock order of the API's writes (rate, then history).
+            await model.upsert_feed_history(conn, name, model.history_rows_of(payload))
+            if not backfill:
+                await self._check_leader(conn)  # losing the lock rolls this back
         return changed
 
 
@@ -537,6 +628,39 @@ async def check(settings: util.Settings) -> int:
     return 0
 
 
+async def backfill(settings: util.Settings, url: str, days: int,
+                   names: Sequence[str] | None = None) -> int:
+    """``--backfill``: 0 if every source succeeded, 1 otherwise (the run says why)."""
+    updater = Updater(settings, url)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, updater.stop, sig.name)
+    try:
+        run = await updater.run_backfill(days, list(names or settings.sources))
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        log.error("event=backfill_failed error=%r", f"{type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        await updater.close()
+    return 0 if run["status"] == "succeeded" else 1
+
+
+def _backfill_sources(text: str) -> list[str]:
+    names = list(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in util.KNOWN_SOURCES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown source(s) {', '.join(unknown) or '(none given)'}; "
+            f"known: {', '.join(util.KNOWN_SOURCES)}")
+    return names
+
+
+def _backfill_days(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_BACKFILL_DAYS:
+        raise argparse.ArgumentTypeError(f"must be a whole number of days, 1-{MAX_BACKFILL_DAYS}")
+    return int(text)
+
+
 async def _serve(settings: util.Settings, url: str, once: bool) -> int:
     updater = Updater(settings, url)
     loop = asyncio.get_running_loop()
@@ -566,11 +690,20 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="one run, then exit")
     mode.add_argument("--check", action="store_true", help="health check: is there a leader?")
+    mode.add_argument("--backfill", type=_backfill_days, metavar="DAYS",
+                      help="fill DAYS days of history from each source's multi-day endpoint")
+    parser.add_argument("--sources", type=_backfill_sources, metavar="a,b",
+                        help="with --backfill: these sources (default: XRATES_SOURCES)")
     args = parser.parse_args(argv)
+    if args.sources is not None and args.backfill is None:
+        parser.error("--sources goes with --backfill")
     settings = util.settings_or_exit()
     util.setup_logging(settings)
     if args.check:
         return asyncio.run(check(settings))
+    if args.backfill is not None:
+        return asyncio.run(backfill(settings, util.database_url(settings), args.backfill,
+                                    args.sources))
     return asyncio.run(_serve(settings, util.database_url(settings), args.once))
 
 

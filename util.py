@@ -28,13 +28,15 @@ from urllib.parse import urlsplit
 import asyncpg
 
 import internals
-from sources import SOURCE_NAMES
+from sources import FEEDS, SOURCE_NAMES
 
 ROOT = Path(__file__).resolve().parent
 SCHEMA_PATH = ROOT / "triggers.sql"
 SCHEMA_LOCK_KEY = 7_823_011_001  # pg_advisory_lock key serialising schema applies
 DEMO_INTERVAL_S = 10  # `util.py up` with only the demo source and no XRATES_INTERVAL
 KNOWN_SOURCES = SOURCE_NAMES  # every name XRATES_SOURCES and POST /v1/updates accept
+# Sources with a multi-day endpoint (--backfill), so an XRATES_<SOURCE>_HISTORY_URL.
+HISTORY_SOURCES = tuple(name for name, feed in FEEDS.items() if feed.history_requests)
 
 log = logging.getLogger("xrates.util")
 
@@ -68,6 +70,10 @@ class Settings:
     access_log: bool = True
     log_format: str = "text"
     profile: bool = False
+    # XRATES_<SOURCE>_HISTORY_URL: like source_urls, for backfill requests (omitted from repr:
+    # an override may carry credentials).
+    history_urls: Mapping[str, str] = field(default_factory=dict)
+    frankfurter_source: str = "demo"  # XRATES_FRANKFURTER_SOURCE: behind the Frankfurter routes
 
     def __repr__(self) -> str:  # never print secrets (token, URL password)
         return (
@@ -77,7 +83,8 @@ class Settings:
             f"api_token={'set' if self.api_token else 'unset'}, sources={self.sources}, "
             f"interval_s={self.interval_s}, auto_migrate={self.auto_migrate}, "
             f"max_jump={self.max_jump}, db_timeout_s={self.db_timeout_s}, "
-            f"statement_cache_size={self.statement_cache_size})"
+            f"statement_cache_size={self.statement_cache_size}, "
+            f"frankfurter_source={self.frankfurter_source!r})"
         )
 
 
@@ -162,6 +169,18 @@ def _sources(env: Mapping[str, str]) -> tuple[str, ...]:
     return names
 
 
+def _frankfurter_source(env: Mapping[str, str], sources: tuple[str, ...]) -> str:
+    """XRATES_FRANKFURTER_SOURCE: any known source (its history may come from a backfill
+    alone); default the first of XRATES_SOURCES. Never `manual`."""
+    raw = env.get("XRATES_FRANKFURTER_SOURCE", "").strip().lower()
+    if not raw:
+        return sources[0]
+    if raw not in KNOWN_SOURCES:
+        raise ConfigError(f"XRATES_FRANKFURTER_SOURCE names unknown source {raw!r}; "
+                          f"known: {', '.join(KNOWN_SOURCES)}")
+    return raw
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read the configuration once. Raises ConfigError with one clear sentence."""
     env = os.environ if env is None else env
@@ -180,13 +199,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         for name in KNOWN_SOURCES
         if env.get(f"XRATES_{name.upper()}_URL")
     }
+    history_urls = {
+        name: env[f"XRATES_{name.upper()}_HISTORY_URL"]
+        for name in HISTORY_SOURCES
+        if env.get(f"XRATES_{name.upper()}_HISTORY_URL")
+    }
+    sources = _sources(env)
     return Settings(
+        history_urls=history_urls,
+        frankfurter_source=_frankfurter_source(env, sources),
         database_url=_database_url(env),
         listen_url=_database_url(env, "XRATES_LISTEN_URL"),
         data_dir=Path(env.get("XRATES_DATA_DIR", "").strip() or ".data"),
         cache_size=_int(env, "XRATES_CACHE_SIZE", 65536),
         api_token=token,
-        sources=_sources(env),
+        sources=sources,
         interval_s=_float(env, "XRATES_INTERVAL", 600.0, 0.1),
         source_urls=urls,
         auto_migrate=_bool(env, "XRATES_AUTO_MIGRATE", True),
@@ -440,6 +467,29 @@ async def flush_caches(url: str) -> int:
     return row["version"]
 
 
+# --------------------------------------------------------------------------- demo history
+DEMO_BACKFILL_DAYS = 90
+
+
+async def backfill_demo_once(url: str, settings: Settings) -> None:
+    """`up`: give the offline demo a deterministic 90-day history the first time (when it has
+    none), so the history and Frankfurter routes answer offline from the first minute."""
+    import dataclasses
+
+    import model  # here: model and updater import this module
+    import updater
+
+    conn = await connect(url, updater.APPLICATION_NAME)
+    try:
+        if await model.has_history(conn, "demo"):
+            return
+    finally:
+        await conn.close()
+    log.info("event=demo_backfill days=%d", DEMO_BACKFILL_DAYS)
+    await updater.backfill(dataclasses.replace(settings, auto_migrate=False), url,
+                           DEMO_BACKFILL_DAYS, ["demo"])
+
+
 # --------------------------------------------------------------------------- supervisor
 def _up(args: argparse.Namespace) -> int:
     """Run the whole service in the foreground; Ctrl-C stops everything."""
@@ -454,6 +504,8 @@ def _up(args: argparse.Namespace) -> int:
         log.info("event=embedded_postgres_up data_dir=%s port=%s", embedded.data_dir,
                  embedded.port)
     asyncio.run(migrate(url))
+    if "demo" in settings.sources:
+        asyncio.run(backfill_demo_once(url, settings))
     env = {**os.environ, "DATABASE_URL": url, "XRATES_AUTO_MIGRATE": "0"}
     if settings.sources == ("demo",) and not os.environ.get("XRATES_INTERVAL"):
         # The offline demo walks one step per interval: move visibly while you watch.

@@ -430,6 +430,8 @@ def test_every_setting_is_documented() -> None:
     guide = OPERATIONS.read_text()
     table = {m.group(1) for m in re.finditer(r"^\|\s*`([A-Z][A-Z0-9_<>]*)`", guide, re.M)}
     feeds = {f"XRATES_{feed.upper()}_URL" for feed in sources.FEEDS}
+    # Backfill overrides, one per source with a multi-day endpoint: one row, like the URLs.
+    feeds |= {f"XRATES_{feed.upper()}_HISTORY_URL" for feed in util.HISTORY_SOURCES}
     missing = documented_setting_names() - feeds - table
     assert not missing, f"docs/operations.md configuration table lacks {sorted(missing)}"
     assert "XRATES_<SOURCE>_URL" in table and all(f"`{name}`" in guide for name in feeds)
