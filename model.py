@@ -57,8 +57,9 @@ HISTORY_ON_CONFLICT = (
 # in the updater's transaction.
 _HISTORY_OF_WRITTEN = (
     "recorded AS (INSERT INTO rate_history AS h (source, base, quote, day, rate, as_of) "
-    "SELECT source, base, quote, (as_of AT TIME ZONE 'UTC')::date, rate::numeric, as_of "
-    f"FROM written {HISTORY_ON_CONFLICT})"
+    # `written` returns as_of as text (see _RATE_COLUMNS): read it back as a timestamp
+    "SELECT source, base, quote, (as_of::timestamptz AT TIME ZONE 'UTC')::date, rate::numeric, "
+    f"as_of::timestamptz FROM written {HISTORY_ON_CONFLICT})"
 )
 INSERT_RATE = (
     "WITH written AS ("
@@ -435,17 +436,32 @@ class Store:
 
     # -- database calls -----------------------------------------------------------------
     async def _call(self, method: str, sql: str, *args: Any) -> Any:
-        """Run one statement on a pooled connection, bounded by the database timeout.
+        """Run one statement on a pooled connection (see ``_retried``)."""
+        async def once(conn: asyncpg.Connection) -> Any:
+            return await getattr(conn, method)(sql, *args)
 
-        A statement that loses a deadlock or a serialization failure is retried (up to
-        ``RETRY_ATTEMPTS`` in all, with a short jittered pause), still within that timeout."""
+        return await self._retried(once)
+
+    async def _in_transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``work(conn)`` in one transaction on a pooled connection (see ``_retried``)."""
+        async def once(conn: asyncpg.Connection) -> T:
+            async with conn.transaction():
+                return await work(conn)
+
+        return await self._retried(once)
+
+    async def _retried(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``work`` on a pooled connection, bounded by the database timeout; errors mapped
+        to Conflict/Unavailable. Work that loses a deadlock or a serialization failure was
+        rolled back whole, so it is run again (up to ``RETRY_ATTEMPTS`` in all, with a short
+        jittered pause), still within that timeout."""
         if self.pool is None:
             raise Unavailable("database not connected yet")
         try:
             async with asyncio.timeout(self.timeout_s):
                 for attempt in range(1, RETRY_ATTEMPTS + 1):
                     try:
-                        return await self._once(method, sql, args)
+                        return await self._on_a_connection(work)
                     except _RETRYABLE as exc:
                         if attempt == RETRY_ATTEMPTS:
                             raise
@@ -453,40 +469,22 @@ class Store:
                                  type(exc).__name__)
                         pause = RETRY_BACKOFF_S * 2 ** (attempt - 1)
                         await asyncio.sleep(random.uniform(pause / 2, pause))  # de-synchronise
+                raise AssertionError("not reached")  # the last attempt returned or raised
         except asyncpg.exceptions.UniqueViolationError as exc:
             raise Conflict("rate already exists") from exc
         except _UNAVAILABLE as exc:
             raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
 
-    async def _once(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
-        assert self.pool is not None  # _call checked it
+    async def _on_a_connection(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        assert self.pool is not None  # _retried checked it
         async with self.pool.acquire() as conn:
             try:
-                return await getattr(conn, method)(sql, *args)
+                return await work(conn)
             finally:
                 if conn.is_in_transaction():
-                    # Only a statement cut short leaves one open: close the
-                    # connection rather than pay a ROLLBACK to reuse it.
+                    # Only work cut short leaves one open: close the connection rather than
+                    # pay a ROLLBACK to reuse it.
                     conn.terminate()
-
-    async def _in_transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """Run ``work(conn)`` in one transaction on a pooled connection, bounded by the
-        database timeout; errors mapped as ``_call`` maps them."""
-        if self.pool is None:
-            raise Unavailable("database not connected yet")
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                async with self.pool.acquire() as conn:
-                    try:
-                        async with conn.transaction():
-                            return await work(conn)
-                    finally:
-                        if conn.is_in_transaction():  # cut short mid-transaction: see _call
-                            conn.terminate()
-        except asyncpg.exceptions.UniqueViolationError as exc:
-            raise Conflict("rate already exists") from exc
-        except _UNAVAILABLE as exc:
-            raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         return await self._call("fetchrow", sql, *args)
