@@ -66,6 +66,8 @@ class Settings:
     access_log: bool = True
     log_format: str = "text"
     profile: bool = False
+    stream_queue: int = 256  # events a stream may fall behind before it is resynced
+    stream_max: int = 1000  # open streams per worker (503 beyond)
 
     def __repr__(self) -> str:  # never print secrets (token, URL password)
         return (
@@ -197,6 +199,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         access_log=_bool(env, "XRATES_ACCESS_LOG", True),
         log_format=log_format,
         profile=_bool(env, "XRATES_PROFILE", False),
+        stream_queue=_int(env, "XRATES_STREAM_QUEUE", 256, 1),
+        stream_max=_int(env, "XRATES_STREAM_MAX", 1000, 0),
     )
 
 
