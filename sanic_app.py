@@ -851,6 +851,7 @@ async def instance(request: Request) -> HTTPResponse:
         "pid": os.getpid(),
         "listener": {"connected": store.listener_connected,
                      "reconnects": listener.reconnects if listener is not None else 0,
+                     "backend_pid": listener.backend_pid if listener is not None else None,
                      "lag_s": round(listener.heartbeat_lag_s, 4) if listener is not None else None},
         "cache": {"enabled": store.cache.enabled, "size": len(store.cache),
                   "max_size": store.cache.max_size, "hits": store.hits, "misses": store.misses,
