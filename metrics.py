@@ -35,6 +35,10 @@ CACHE_BYPASSES = Counter("xrates_cache_bypasses", "GETs of one rate read from th
                          "without caching (listener down or cache off)")
 NOTIFICATIONS = Counter("xrates_notifications_applied", "Changed rows applied from NOTIFY payloads")
 LISTENER_RECONNECTS = Counter("xrates_listener_reconnects", "Listener reconnect attempts")
+STREAM_EVENTS = Counter("xrates_stream_events", "Events written to GET /v1/stream clients "
+                        "(snapshots, changes, resyncs)")
+STREAM_DROPPED = Counter("xrates_stream_dropped", "Streams closed for being slow (their queue "
+                         "was full: XRATES_STREAM_QUEUE events behind)")
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                      0.5, 1.0, 2.5)
 REQUEST_LATENCY = Histogram(
@@ -100,8 +104,10 @@ class WorkerMetrics:
             "xrates_notification_queue_usage", "pg_notification_queue_usage() at the last scrape "
             "(fraction of PostgreSQL's NOTIFY queue in use; near 1 means a listener is stuck)",
             multiprocess_mode="livemax")
+        self.stream_subscribers = Gauge("xrates_stream_subscribers", "Open GET /v1/stream "
+                                        "streams, summed over workers", multiprocess_mode="livesum")
         self._seen = {"hits": 0, "misses": 0, "bypasses": 0, "notifications_applied": 0,
-                      "reconnects": 0}
+                      "reconnects": 0, "stream_events": 0, "stream_dropped": 0}
         self._task: asyncio.Task | None = None
 
     def start(self, period_s: float = 1.0) -> None:
@@ -139,6 +145,10 @@ class WorkerMetrics:
         self.listener_connected.set(1 if store.listener_connected else 0)
         if listener is not None:
             self.notification_lag.set(listener.heartbeat_lag_s)
+        hub = store.hub
+        STREAM_EVENTS.inc(self._delta("stream_events", hub.events_total))
+        STREAM_DROPPED.inc(self._delta("stream_dropped", hub.dropped_total))
+        self.stream_subscribers.set(hub.subscribers)
 
     async def sample_database(self) -> None:
         """Values that need a query: read at scrape time only (skipped while unavailable)."""

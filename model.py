@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 
+import stream
 import util
 from cache import ABSENT_VERSION, Entry, FillToken, RateCache
 from listener import CHANNEL, DeleteRow, Feed, UpsertRow
@@ -96,6 +97,14 @@ FLUSH_CACHES = (
 )
 PING = "SELECT 1 FROM rate LIMIT 0"  # also proves the schema is there
 NOTIFY_QUEUE_USAGE = "SELECT pg_notification_queue_usage()"
+# Live (stream snapshots, read-your-writes): the rates of a set of pairs, and the last version
+# issued (0 before the first nextval: last_value is then the start value, not an issued one).
+SELECT_RATES_OF_PAIRS = (
+    f"SELECT {_RATE_COLUMNS} FROM rate "
+    "WHERE (base, quote) IN (SELECT * FROM unnest($1::char(3)[], $2::char(3)[])) ORDER BY base, quote"
+)
+SELECT_LAST_VERSION = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rate_version_seq"
+MIN_VERSION_WAIT_S = 0.25  # how long a min-version read waits for its notification
 
 _RUN_COLUMNS = (
     "id, status, trigger, requested, progress_done, progress_total, sources::text AS sources, "
@@ -171,6 +180,12 @@ class NotFound(XratesError):
 
 class Conflict(XratesError):
     status = 409
+
+
+class TooNewVersion(XratesError):
+    """A min version the sequence never issued (a token from another database, or made up)."""
+
+    status = 422
 
 
 class Unavailable(XratesError):
@@ -345,6 +360,10 @@ class Store:
         self._migrate_task: asyncio.Task | None = None
         # key -> (token, the database read in flight for it): concurrent misses share it
         self._reads: dict[str, tuple[FillToken, asyncio.Future]] = {}
+        # The live stream of this worker, fed right after each change is applied (stream.py).
+        self.hub = stream.Hub(settings.stream_queue, settings.stream_max)
+        # key -> [(version wanted, future)]: reads with a min version waiting for the stream
+        self._waiters: dict[str, list[tuple[int, asyncio.Future]]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, url: str) -> None:
@@ -408,31 +427,52 @@ class Store:
     # -- the feed's sink (synchronous: called from the listener's callbacks) -------------
     def upserted(self, rows: Sequence[UpsertRow]) -> None:
         cache = self.cache
-        if cache.enabled:
+        hub = self.hub
+        if hub.listening:  # one test per payload when nobody streams
+            for row in rows:
+                rate = rate_from_notification(row)
+                cache.apply(row[0], row[1], rate)
+                hub.rate(row[0], row[1], rate.body)
+        elif cache.enabled:
             for row in rows:
                 cache.apply(row[0], row[1], rate_from_notification(row))
         else:  # nothing is stored: skip building the values
             for row in rows:
                 cache.apply(row[0], row[1], None)
         self.notifications_applied += len(rows)
+        if self._waiters:
+            for row in rows:
+                self._signal(row[0], row[1])
 
     def deleted(self, rows: Sequence[DeleteRow]) -> None:
         apply = self.cache.apply
         for key, version in rows:
             apply(key, version, None)
         self.notifications_applied += len(rows)
+        hub = self.hub
+        if hub.listening:
+            for key, version in rows:
+                hub.delete(key, version)
+        if self._waiters:
+            for key, version in rows:
+                self._signal(key, version)
 
     def flushed(self) -> None:
         self.cache.flush()
+        self.hub.flushed()
+        self._wake_all()  # the entries they wait for are gone: read the database
 
     def barrier_passed(self, number: int) -> None:
         self.cache.pass_barrier(number)
 
     def trusted(self) -> None:
         self.cache.enable()
+        self.hub.listener_up()
 
     def untrusted(self, _reason: str) -> None:
         self.cache.disable()
+        self.hub.listener_down()
+        self._wake_all()  # no notification will come: read the database
 
     # -- database calls -----------------------------------------------------------------
     async def _call(self, method: str, sql: str, *args: Any) -> Any:
@@ -574,7 +614,8 @@ class Store:
                                                         as_of))
         return self._written(token, rate_from_record(rec)), rec["created"]
 
-    async def delete_rate(self, base: str, quote: str) -> None:
+    async def delete_rate(self, base: str, quote: str) -> int:
+        """Delete a pair; its tombstone's version."""
         token = self.cache.begin_fill(base + quote)
         version = await self._guarded(token, self._in_transaction(
             functools.partial(_delete_with_history, base=base, quote=quote)))
@@ -582,6 +623,7 @@ class Store:
             self.cache.cancel_fill(token)
             raise NotFound(f"no rate for {base}/{quote}")
         self.cache.finish_write(token, version, None, self._next_heartbeat())
+        return version
 
     async def _guarded(self, token: FillToken, statement: Any) -> Any:
         try:
@@ -626,6 +668,70 @@ class Store:
     @property
     def listener_connected(self) -> bool:
         return self.listener is not None and self.listener.connected
+
+    # -- live: stream snapshots and read-your-writes ------------------------------------
+    async def list_pairs(self, keys: Sequence[str]) -> list[Rate]:
+        """The stored rates of these keys (base + quote), ordered by base, quote."""
+        recs = await self._fetch(SELECT_RATES_OF_PAIRS, [k[:3] for k in keys], [k[3:] for k in keys])
+        return [rate_from_record(r) for r in recs]
+
+    async def last_version(self) -> int:
+        """The last version the sequence handed out (0 if none yet)."""
+        return await self._call("fetchval", SELECT_LAST_VERSION)
+
+    async def get_rate_at_least(self, base: str, quote: str, version: int,
+                                wait_s: float = MIN_VERSION_WAIT_S) -> tuple[Rate | None, str]:
+        """The pair's state as of some moment after the write that produced ``version``
+        committed (read your writes on any instance), and how it was served.
+
+        From the cache if its entry is at ``version`` or above; else after waiting up to
+        ``wait_s`` for the notification; else from the database (a bypass read: never a
+        shared or cached older read). TooNewVersion if the sequence never issued ``version``.
+        """
+        key = base + quote
+        entry = self.cache.lookup(key)
+        if entry is not None and entry.version >= version:
+            self.hits += 1
+            return entry.value, HIT
+        last = await self.last_version()
+        if version > last:
+            raise TooNewVersion(f"min_version: {version} is above the last version issued ({last})")
+        if self.cache.enabled and wait_s > 0:
+            await self._wait_version(key, version, wait_s)
+            entry = self.cache.lookup(key)
+            if entry is not None and entry.version >= version:
+                self.hits += 1
+                return entry.value, HIT
+        self.bypasses += 1
+        return await self.read_rate(base, quote), BYPASS
+
+    async def _wait_version(self, key: str, version: int, timeout_s: float) -> None:
+        """Until a change of ``key`` at ``version`` or above is applied (or the feed is lost,
+        or the cache flushed), at most ``timeout_s``."""
+        future = asyncio.get_running_loop().create_future()
+        item = (version, future)
+        waiting = self._waiters.setdefault(key, [])
+        waiting.append(item)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await future
+        except TimeoutError:
+            pass
+        finally:
+            waiting.remove(item)
+            if not waiting:
+                self._waiters.pop(key, None)
+
+    def _signal(self, key: str, version: int) -> None:
+        for wanted, future in self._waiters.get(key, ()):
+            if wanted <= version and not future.done():
+                future.set_result(None)
+
+    def _wake_all(self) -> None:
+        for waiting in self._waiters.values():
+            for _wanted, future in waiting:
+                if not future.done():
+                    future.set_result(None)
 
 
 # ===== updater: SQL and functions (updater.py) =====

@@ -43,6 +43,7 @@ import internals
 import metrics
 import model
 import sources as source_registry  # GET /v1/sources, the Frankfurter source: public metadata
+import stream
 import util
 from sources import MAX_DIGITS, MAX_RATE, MIN_RATE, significant_digits  # the contract §3 rate rules
 
@@ -219,10 +220,11 @@ def settings_of(request: Request) -> util.Settings:
 
 
 READ_EXPOSE = "ETag, X-Cache"
+VERSION_HEADER = "X-Xrates-Version"  # a write's version: the read-your-writes token
 READ_CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
-    "Access-Control-Allow-Headers": "If-None-Match",
+    "Access-Control-Allow-Headers": "If-None-Match, X-Xrates-Min-Version",
     "Access-Control-Expose-Headers": READ_EXPOSE,
     "Access-Control-Max-Age": "600",
 }
@@ -415,6 +417,12 @@ def _query_params(*names: str) -> list[Any]:
     return [_parameter(name, str, location="query") for name in names]
 
 
+_MIN_VERSION_PARAMS = [
+    openapi.definitions.Parameter("min_version", int, location="query"),
+    openapi.definitions.Parameter("X-Xrates-Min-Version", int, location="header"),
+]
+
+
 # ----------------------------------------------------------------------------- routes: rates
 @bp.get("/v1/rates/<base:str>/<quote:str>", name="rate_get")
 @openapi.definition(
@@ -423,8 +431,10 @@ def _query_params(*names: str) -> list[Any]:
                  "[date - 14 days, date] on which some source (or `source`) quotes the pair "
                  "directly or inversely, answered as {base, quote, rate, source, date, via}; "
                  "a date before today is `public, max-age=86400`, else `no-cache`. `source` "
-                 "without `date` is 422."),
-    parameter=[*_path_params("base", "quote"),
+                 "without `date` is 422. With `X-Xrates-Min-Version: V` (or `?min_version=V`, V "
+                 "from a write's `X-Xrates-Version`) the answer is at least as new as that "
+                 "write, on any instance."),
+    parameter=[*_path_params("base", "quote"), *_MIN_VERSION_PARAMS,
                _parameter("date", {"type": "string",
                                                       "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
                                              location="query"),
@@ -444,6 +454,10 @@ async def rate_get(request: Request, base: str, quote: str) -> HTTPResponse:
     if request.query_string and wants_history(request):  # ?date=: a day of history (§8)
         return await rate_on_day(request, base, quote)
     store = store_of(request)
+    if request.query_string or "x-xrates-min-version" in request.headers:
+        min_version = parse_min_version(request)  # read your writes: see the live section
+        if min_version is not None:
+            return await rate_get_at_least(request, store, base, quote, min_version)
     # The cache only ever holds keys of valid, upper-case, distinct pairs (rows of the table,
     # or requests validated below), so a hit on the raw path is a hit on the validated pair.
     entry = store.cached(base + quote) if len(base) == 3 else None
@@ -491,7 +505,8 @@ async def rate_create(request: Request) -> HTTPResponse:
     base, quote = parse_pair(data["base"], data["quote"])
     rate, source, as_of = parse_rate_body(data)
     stored = await store_of(request).create_rate(base, quote, rate, source, as_of)
-    headers = {**rate_headers(stored, model.BYPASS), "Location": f"/v1/rates/{base}/{quote}"}
+    headers = {**rate_headers(stored, model.BYPASS), "Location": f"/v1/rates/{base}/{quote}",
+               VERSION_HEADER: str(stored.version)}
     del headers["X-Cache"]
     return HTTPResponse(stored.body, status=201, headers=headers, content_type=JSON_TYPE)
 
@@ -514,7 +529,7 @@ async def rate_put(request: Request, base: str, quote: str) -> HTTPResponse:
             raise invalid(field, "does not match the path")
     rate, source, as_of = parse_rate_body(data)
     stored, created = await store_of(request).put_rate(base, quote, rate, source, as_of)
-    headers = {"ETag": stored.etag, "Cache-Control": "no-cache"}
+    headers = {"ETag": stored.etag, "Cache-Control": "no-cache", VERSION_HEADER: str(stored.version)}
     if created:
         headers["Location"] = f"/v1/rates/{base}/{quote}"
     return HTTPResponse(stored.body, status=201 if created else 200, headers=headers,
@@ -530,8 +545,8 @@ async def rate_put(request: Request, base: str, quote: str) -> HTTPResponse:
 async def rate_delete(request: Request, base: str, quote: str) -> HTTPResponse:
     authorise_write(request)
     base, quote = parse_pair(base, quote)
-    await store_of(request).delete_rate(base, quote)
-    return HTTPResponse(status=204)
+    version = await store_of(request).delete_rate(base, quote)
+    return HTTPResponse(status=204, headers={VERSION_HEADER: str(version)})
 
 
 # ----------------------------------------------------------------------------- routes: convert
@@ -763,6 +778,170 @@ async def openapi_json(request: Request) -> HTTPResponse:
     from sanic_ext.extensions.openapi.builders import SpecificationBuilder
 
     return json_response(SpecificationBuilder().build(request.app).serialize())
+
+
+# ----------------------------------------------------------------------------- live: stream
+# GET /v1/stream: the changes this worker's listener applies, as Server-Sent Events (stream.py).
+STREAM_MAX_PAIRS = 500
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def start_hub(app: Sanic) -> None:
+    app.ctx.hub = app.ctx.store.hub  # registered after start_store: the store exists
+
+
+async def end_streams(app: Sanic) -> None:
+    # Before the server closes its connections: every stream gets its final chunk, so that
+    # shutdown never waits on an endless response (see stream.Hub.close).
+    await app.ctx.hub.close()
+
+
+def parse_stream_selection(request: Request) -> tuple[list[str] | None, str | None]:
+    """(keys of ?pairs=USD/EUR,GBP/USD, or None; ?base=EUR, or None); 422 if both or bad."""
+    # Blank values count (a bare ?pairs= is an error, not "everything").
+    args = request.get_args(keep_blank_values=True)
+    for name in ("pairs", "base"):
+        if len(args.getlist(name, [])) > 1:
+            raise invalid(name, "given more than once")
+    raw_pairs, raw_base = args.get("pairs"), args.get("base")
+    if raw_pairs is not None and raw_base is not None:
+        raise invalid("pairs", "give pairs or base, not both")
+    if raw_base is not None:
+        return None, parse_code(raw_base, "base")
+    if raw_pairs is None:
+        return None, None
+    keys: list[str] = []
+    for item in raw_pairs.split(","):
+        base, slash, quote = item.strip().partition("/")
+        if not slash:
+            raise invalid("pairs", "must be a comma list of BASE/QUOTE like USD/EUR,GBP/USD")
+        base, quote = parse_pair(base, quote)
+        keys.append(base + quote)
+    keys = list(dict.fromkeys(keys))
+    if len(keys) > STREAM_MAX_PAIRS:
+        raise invalid("pairs", f"at most {STREAM_MAX_PAIRS} pairs")
+    return keys, None
+
+
+@bp.get("/v1/stream", name="stream")
+@openapi.definition(
+    summary="Live changes as Server-Sent Events (endless: keep it out of generic fuzzers)",
+    description=(
+        "An endless `text/event-stream` response: first `event: snapshot` (data: the "
+        "`GET /v1/rates` body for the selection), then `event: rate` (data: a rate object) or "
+        "`event: delete` (data: `{base, quote, version}`) for every change this instance "
+        "applies, with `id:` = the version, and a `: ping` comment at least every 15 s. "
+        "`event: resync` (data `{reason}`: `slow`, `listener`, `flush`) ends the stream: "
+        "reconnect for a new snapshot (a `Last-Event-ID` reconnect gets one too). "
+        "Generic fuzzers and crawlers must skip this route: it never ends by itself."),
+    parameter=_query_params("pairs", "base"),
+    response=[openapi.definitions.Response(
+        {"text/event-stream": {"schema": {"type": "string"}}}, status=200,
+        description="the event stream"),
+        *_responses((422, "invalid selection", None),
+                    (503, "listener down, too many streams, or database unavailable", None))],
+)
+async def stream_route(request: Request) -> HTTPResponse | None:
+    keys, base = parse_stream_selection(request)
+    store, hub = store_of(request), request.app.ctx.hub
+    try:
+        sub = hub.subscribe(keys, base, request.transport)
+    except stream.StreamUnavailable as exc:
+        return error_response(503, str(exc), {"Retry-After": "1"})
+    try:
+        # Subscribed first, then the snapshot: no change falls between the two, and the
+        # deltas it already contains are dropped by version (Subscriber.set_snapshot).
+        if keys is not None:
+            rates = await store.list_pairs(keys)
+        else:
+            rates = await store.list_rates(base, None)
+        sub.set_snapshot({r.base + r.quote: r.version for r in rates})
+        snapshot = b'{"rates":[' + b",".join(r.body for r in rates) + b'],"count":%d}' % len(rates)
+        response = await request.respond(content_type="text/event-stream; charset=utf-8",
+                                         headers=STREAM_HEADERS)
+        # retry: in the snapshot's own block (a block without data is no event for browsers,
+        # but some client libraries hand it out as an empty message).
+        await response.send(b"retry: %d\n" % stream.RETRY_MS + stream.frame("snapshot", snapshot))
+        hub.events_total += 1
+        while True:
+            data, events, final = await sub.next_chunk()
+            if data:
+                await response.send(data)
+                hub.events_total += events
+            if final:
+                break
+        await response.eof()
+    finally:
+        hub.unsubscribe(sub)
+    return None
+
+
+# ----------------------------------------------------------------------------- live: dashboard
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+with open(os.path.join(STATIC_DIR, "dashboard.html"), "rb") as _page:
+    DASHBOARD_PAGE = _page.read()  # read once: served from memory
+
+
+@bp.get("/", name="dashboard")
+@openapi.definition(summary="The dashboard page (HTML): live rates, a chart, update runs, "
+                            "this instance's state",
+                    response=[openapi.definitions.Response(
+                        {"text/html": {"schema": {"type": "string"}}}, status=200,
+                        description="the page")])
+async def dashboard(request: Request) -> HTTPResponse:
+    return HTTPResponse(DASHBOARD_PAGE, content_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-cache"})
+
+
+@bp.get("/v1/instance", name="instance")
+@openapi.definition(summary="This worker's cache, listener and stream state (for the dashboard)",
+                    response=_responses((200, "the state", {"type": "object"})))
+async def instance(request: Request) -> HTTPResponse:
+    store = store_of(request)
+    listener, hub = store.listener, request.app.ctx.hub
+    history = any(route.path.rstrip("/").endswith("/history") for route in request.app.router.routes)
+    return json_response({
+        "pid": os.getpid(),
+        "listener": {"connected": store.listener_connected,
+                     "reconnects": listener.reconnects if listener is not None else 0,
+                     "backend_pid": listener.backend_pid if listener is not None else None,
+                     "lag_s": round(listener.heartbeat_lag_s, 4) if listener is not None else None},
+        "cache": {"enabled": store.cache.enabled, "size": len(store.cache),
+                  "max_size": store.cache.max_size, "hits": store.hits, "misses": store.misses,
+                  "bypasses": store.bypasses},
+        "stream": {"subscribers": hub.subscribers, "events": hub.events_total,
+                   "dropped": hub.dropped_total, "max": hub.max_streams},
+        "features": {"history": history},
+    })
+
+
+# ----------------------------------------------------------------------------- live: read your writes
+def parse_min_version(request: Request) -> int | None:
+    """X-Xrates-Min-Version or ?min_version (a positive integer; 422 otherwise), or None."""
+    header = request.headers.get("x-xrates-min-version")
+    query = query_arg(request, "min_version")
+    if header is not None and query is not None and header.strip() != query.strip():
+        raise invalid("min_version", "given as header and query parameter with different values")
+    raw = header if header is not None else query
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18 or int(raw) < 1:
+        raise invalid("min_version", "must be a positive integer (a write's X-Xrates-Version)")
+    return int(raw)
+
+
+async def rate_get_at_least(request: Request, store: model.Store, base: str, quote: str,
+                            min_version: int) -> HTTPResponse:
+    """GET of one rate at least as new as the write that produced ``min_version``."""
+    base, quote = parse_pair(base, quote)
+    rate, how = await store.get_rate_at_least(base, quote, min_version)
+    if rate is None:
+        return error_response(404, f"no rate for {base}/{quote}", {"X-Cache": how})
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and etag_matches(if_none_match, rate.etag):
+        return HTTPResponse(status=304, headers=rate_headers(rate, how))
+    return rate_response(rate, how)
 
 
 # ----------------------------------------------------------------------------- history: shared
@@ -1152,6 +1331,8 @@ def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
         description="Currency exchange rates served from a LISTEN/NOTIFY-refreshed cache.",
     )
     app.before_server_start(start_store)
+    app.before_server_start(start_hub)  # after start_store: the hub is the store's
+    app.before_server_stop(end_streams)
     app.after_server_start(freeze_startup_heap)
     app.after_server_stop(stop_store)
     app.on_request(preflight)
@@ -1161,6 +1342,7 @@ def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
     app.exception(SanicException)(on_sanic_error)
     app.exception(Exception)(on_unexpected)
     app.blueprint(bp)
+    app.static("/static", STATIC_DIR, name="static")
     if settings.profile:  # XRATES_PROFILE=1: log every handler's elapsed time
         import perf
 

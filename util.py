@@ -74,6 +74,8 @@ class Settings:
     # an override may carry credentials).
     history_urls: Mapping[str, str] = field(default_factory=dict)
     frankfurter_source: str = "demo"  # XRATES_FRANKFURTER_SOURCE: behind the Frankfurter routes
+    stream_queue: int = 256  # events a stream may fall behind before it is resynced
+    stream_max: int = 1000  # open streams per worker (503 beyond)
 
     def __repr__(self) -> str:  # never print secrets (token, URL password)
         return (
@@ -228,6 +230,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         access_log=_bool(env, "XRATES_ACCESS_LOG", True),
         log_format=log_format,
         profile=_bool(env, "XRATES_PROFILE", False),
+        stream_queue=_int(env, "XRATES_STREAM_QUEUE", 256, 1),
+        stream_max=_int(env, "XRATES_STREAM_MAX", 1000, 0),
     )
 
 
