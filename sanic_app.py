@@ -466,6 +466,12 @@ async def rate_get(request: Request, base: str, quote: str) -> HTTPResponse:
     else:
         base, quote = parse_pair(base, quote)
         rate, how = await store.get_rate(base, quote)
+    return answer_rate(request, base, quote, rate, how)
+
+
+def answer_rate(request: Request, base: str, quote: str, rate: model.Rate | None,
+                how: str) -> HTTPResponse:
+    """A single-pair read's answer: 404, 304 on a matching If-None-Match, or the rate."""
     if rate is None:
         return error_response(404, f"no rate for {base}/{quote}", {"X-Cache": how})
     if_none_match = request.headers.get("if-none-match")
@@ -936,12 +942,7 @@ async def rate_get_at_least(request: Request, store: model.Store, base: str, quo
     """GET of one rate at least as new as the write that produced ``min_version``."""
     base, quote = parse_pair(base, quote)
     rate, how = await store.get_rate_at_least(base, quote, min_version)
-    if rate is None:
-        return error_response(404, f"no rate for {base}/{quote}", {"X-Cache": how})
-    if_none_match = request.headers.get("if-none-match")
-    if if_none_match is not None and etag_matches(if_none_match, rate.etag):
-        return HTTPResponse(status=304, headers=rate_headers(rate, how))
-    return rate_response(rate, how)
+    return answer_rate(request, base, quote, rate, how)
 
 
 # ----------------------------------------------------------------------------- history: shared

@@ -173,6 +173,15 @@ class ApiProcess(processes.ApiServer):
         self.stop_process()
 
 
+async def metric(api: ApiProcess, name: str) -> float:
+    """One value of an instance's /metrics (the first sample of that name)."""
+    text = (await api.client.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 @pytest.fixture
 async def start_api(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ApiProcess]]]:
     """Factory: `api = await start_api(db_url, env={...})`; stopped (by PID) after the test,

@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, ApiProcess, wait_for
-from test_guarantees import INSERT, get, metric
+from conftest import ROOT, ApiProcess, metric, wait_for
+from test_guarantees import INSERT, get
 
 import model
 

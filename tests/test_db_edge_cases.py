@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-from conftest import ApiProcess, wait_for
-from test_guarantees import INSERT, get, metric
+from conftest import ApiProcess, metric, wait_for
+from test_guarantees import INSERT, get
 
 
 async def _api_waits_on_a_lock(sql: asyncpg.Connection) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from conftest import ApiProcess, answers_200, running, store_settings, wait_for
+from conftest import ApiProcess, answers_200, metric, running, store_settings, wait_for
 
 import model
 import util
@@ -22,14 +22,6 @@ import util
 INSERT = ("INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1, $2, $3, 'manual', now()) "
           "ON CONFLICT (base, quote) DO UPDATE SET rate = EXCLUDED.rate")
 DEFAULT_HEARTBEAT = {"XRATES_HEARTBEAT_INTERVAL": "0.4", "XRATES_HEARTBEAT_TIMEOUT": "1.4"}
-
-
-async def metric(api: ApiProcess, name: str) -> float:
-    text = (await api.client.get("/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 async def get(api: ApiProcess, base: str, quote: str) -> httpx.Response:

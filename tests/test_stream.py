@@ -17,20 +17,12 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from conftest import ApiProcess, wait_for
+from conftest import ApiProcess, metric, wait_for
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 INSERT = ("INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1, $2, $3, 'manual', now()) "
           "ON CONFLICT (base, quote) DO UPDATE SET rate = EXCLUDED.rate, as_of = EXCLUDED.as_of")
 EVENT_TIMEOUT_S = 5.0
-
-
-async def metric(api: ApiProcess, name: str) -> float:
-    text = (await api.client.get("/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 class Events:
