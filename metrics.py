@@ -35,6 +35,9 @@ CACHE_BYPASSES = Counter("xrates_cache_bypasses", "GETs of one rate read from th
                          "without caching (listener down or cache off)")
 NOTIFICATIONS = Counter("xrates_notifications_applied", "Changed rows applied from NOTIFY payloads")
 LISTENER_RECONNECTS = Counter("xrates_listener_reconnects", "Listener reconnect attempts")
+MIN_VERSION_READS = Counter("xrates_min_version_reads", "Single-pair reads with a minimum version "
+                            "(read your writes), by how they were answered: cached (at once), "
+                            "waited (for the notification), database", ["outcome"])
 STREAM_EVENTS = Counter("xrates_stream_events", "Events written to GET /v1/stream clients "
                         "(snapshots, changes, resyncs)")
 STREAM_DROPPED = Counter("xrates_stream_dropped", "Streams closed for being slow (their queue "
@@ -107,7 +110,9 @@ class WorkerMetrics:
         self.stream_subscribers = Gauge("xrates_stream_subscribers", "Open GET /v1/stream "
                                         "streams, summed over workers", multiprocess_mode="livesum")
         self._seen = {"hits": 0, "misses": 0, "bypasses": 0, "notifications_applied": 0,
-                      "reconnects": 0, "stream_events": 0, "stream_dropped": 0}
+                      "reconnects": 0, "stream_events": 0, "stream_dropped": 0,
+                      "min_version_cached": 0, "min_version_waited": 0,
+                      "min_version_database": 0}
         self._task: asyncio.Task | None = None
 
     def start(self, period_s: float = 1.0) -> None:
@@ -139,6 +144,8 @@ class WorkerMetrics:
         CACHE_MISSES.inc(self._delta("misses", store.misses))
         CACHE_BYPASSES.inc(self._delta("bypasses", store.bypasses))
         NOTIFICATIONS.inc(self._delta("notifications_applied", store.notifications_applied))
+        for outcome, count in store.min_version_outcomes.items():
+            MIN_VERSION_READS.labels(outcome).inc(self._delta(f"min_version_{outcome}", count))
         reconnects = listener.reconnects if listener is not None else 0
         LISTENER_RECONNECTS.inc(self._delta("reconnects", reconnects))
         self.cache_size.set(len(store.cache))

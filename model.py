@@ -362,6 +362,9 @@ class Store:
         self._reads: dict[str, tuple[FillToken, asyncio.Future]] = {}
         # The live stream of this worker, fed right after each change is applied (stream.py).
         self.hub = stream.Hub(settings.stream_queue, settings.stream_max)
+        # how min-version reads were answered: from the cache at once, after waiting for the
+        # notification, or from the database
+        self.min_version_outcomes = {"cached": 0, "waited": 0, "database": 0}
         # key -> [(version wanted, future)]: reads with a min version waiting for the stream
         self._waiters: dict[str, list[tuple[int, asyncio.Future]]] = {}
 
@@ -689,9 +692,11 @@ class Store:
         shared or cached older read). TooNewVersion if the sequence never issued ``version``.
         """
         key = base + quote
+        outcomes = self.min_version_outcomes
         entry = self.cache.lookup(key)
         if entry is not None and entry.version >= version:
             self.hits += 1
+            outcomes["cached"] += 1
             return entry.value, HIT
         last = await self.last_version()
         if version > last:
@@ -701,8 +706,10 @@ class Store:
             entry = self.cache.lookup(key)
             if entry is not None and entry.version >= version:
                 self.hits += 1
+                outcomes["waited"] += 1
                 return entry.value, HIT
         self.bypasses += 1
+        outcomes["database"] += 1
         return await self.read_rate(base, quote), BYPASS
 
     async def _wait_version(self, key: str, version: int, timeout_s: float) -> None:

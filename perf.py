@@ -386,9 +386,11 @@ TARGETS = {
     "bulk_p99_ms": "<= 50 ms",
     "bulk_stall_ms": "<= 5 ms",
     "memory_bytes_per_rate": "<= 1024",
+    "stream_p99_ms": "p99 <= 50 ms",
     "miss_p50_ms": "<= 1.0 ms",
 }
-PHASES = ("miss", "handler", "wrk", "alternating", "propagation", "bulk", "memory")
+PHASES = ("miss", "handler", "wrk", "alternating", "propagation", "bulk", "ryw", "streams",
+          "memory")
 CEILING_PATH = "/health"  # contract §4: constant, no I/O, same middleware: the framework ceiling
 FLOOR_CHANNEL = "xrates_bench_floor"  # a channel no API instance listens on
 PROBE_INTERVAL_S = 0.0005  # pace of the event-loop stall probes during bulk rounds
@@ -448,11 +450,15 @@ class BenchConfig:
     bulk_rows: int = 1000
     memory_rates: int = 65536
     memory_instances: int = 3
+    streams: int = 1000  # concurrent GET /v1/stream on one worker (its default cap)
+    stream_rounds: int = 10
+    ryw_samples: int = 200
 
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(wrk_s=2.0, alternate_control_s=1.5, alternate_hit_s=2.5, miss_samples=60,
-                   propagation_samples=60, floor_samples=60, bulk_rounds=5)
+                   propagation_samples=60, floor_samples=60, bulk_rounds=5, streams=300,
+                   stream_rounds=5, ryw_samples=60)
 
 
 class Pinning:
@@ -545,6 +551,24 @@ class Api(processes.ApiServer):
 
     def stop(self) -> None:
         self.stop_process()
+
+
+RYW_OUTCOMES = ("cached", "waited", "database")
+
+
+async def _event_after(reader: asyncio.StreamReader, marker: bytes, since: float) -> float:
+    """Seconds from ``since`` until ``marker`` arrives on a stream."""
+    await reader.readuntil(marker)
+    return time.perf_counter() - since
+
+
+def raise_open_files_limit() -> None:
+    """Streams hold a socket each, on both sides: lift the soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def rss_bytes(pid: int) -> int:
@@ -720,7 +744,14 @@ class Bench:
             self.results["propagation"] = self.measure_propagation(a, b)
         if "bulk" in phases:
             self.results["bulk"] = asyncio.run(self.measure_bulk([a, b]))
+        if "ryw" in phases:
+            self.results["ryw"] = self.measure_ryw(a, b)
         self.stop_apis([a, b])
+        if "streams" in phases:
+            raise_open_files_limit()  # inherited by the instance started next
+            (s,) = self.start_apis([("S", {})])
+            self.results["streams"] = asyncio.run(self.measure_streams(s))
+            self.stop_apis([s])
         if "memory" in phases:
             self.results["memory"] = self.measure_memory()
         self.results["elapsed_s"] = time.monotonic() - started
@@ -1001,6 +1032,84 @@ class Bench:
             await listener.close()
             await writer.close()
 
+    # -- read your writes on another instance ---------------------------------------------
+    def measure_ryw(self, a: Api, b: Api) -> dict[str, Any]:
+        """PUT on A, then at once GET on B with X-Xrates-Min-Version = the write's version: how
+        often B had to wait for the notification (or read the database), and the read's time."""
+        n = self.config.ryw_samples
+        self.say(f"ryw: {n} x (PUT on A, then GET on B with its X-Xrates-Version)")
+        before = {k: b.metric(f'xrates_min_version_reads_total{{outcome="{k}"}}')
+                  for k in RYW_OUTCOMES}
+        conn_a, conn_b = a.conn(), b.conn()
+        times, older = [], 0
+        try:
+            for i in range(n):
+                pair = self.hot[i % len(self.hot)]
+                body = json.dumps({"rate": f"{1 + (i % 97) / 1000:.3f}"}).encode()
+                status, headers, _ = conn_a.call("PUT", rate_path(pair), body,
+                                                 {"Content-Type": "application/json"})
+                version = int(headers["x-xrates-version"])
+                t0 = time.perf_counter()
+                status, headers, _ = conn_b.call("GET", rate_path(pair),
+                                                 headers={"X-Xrates-Min-Version": str(version)})
+                times.append(time.perf_counter() - t0)
+                older += status != 200 or version_of(headers) < version
+        finally:
+            conn_a.close()
+            conn_b.close()
+        after = {k: b.metric(f'xrates_min_version_reads_total{{outcome="{k}"}}')
+                 for k in RYW_OUTCOMES}
+        outcomes = {k: int(after[k] - before[k]) for k in RYW_OUTCOMES}
+        if older:
+            self.notes.append(f"ryw: {older} reads on B were older than the write (a bug)")
+        self.say(f"  outcomes {outcomes}; read p50/p99 {summary_ms(times)}")
+        return {**summary_ms(times), "outcomes": outcomes, "older": older, "samples": n}
+
+    # -- change streams -------------------------------------------------------------------
+    async def measure_streams(self, api: Api) -> dict[str, Any]:
+        """N idle GET /v1/stream on one worker: memory per stream, then the time from a
+        change's commit until every stream has its event."""
+        import asyncpg
+
+        n, rounds = self.config.streams, self.config.stream_rounds
+        base, quote = self.hot[0]
+        self.say(f"streams: {n} streams of {base}/{quote} on one worker, {rounds} changes")
+        worker = api.worker_pid()
+        rss_before = rss_bytes(worker)
+        request = (f"GET /v1/stream?pairs={base}/{quote} HTTP/1.1\r\n"
+                   f"Host: 127.0.0.1:{api.port}\r\nAccept: text/event-stream\r\n\r\n").encode()
+        streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        conn = await asyncpg.connect(self.url)
+        latencies: list[float] = []
+        try:
+            for _ in range(n):
+                reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+                writer.write(request)
+                streams.append((reader, writer))
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(r.readuntil(b"event: snapshot") for r, _ in streams))
+                await asyncio.gather(*(r.readuntil(b"\n\n") for r, _ in streams))
+            bytes_per_stream = (rss_bytes(worker) - rss_before) / n
+            for i in range(rounds):
+                version = await conn.fetchval(
+                    "UPDATE rate SET rate = $3 WHERE base = $1 AND quote = $2 RETURNING version",
+                    base, quote, Decimal(f"{2 + i / 1000:.3f}"))
+                committed = time.perf_counter()
+                marker = b"id: %d\n" % version
+
+                async with asyncio.timeout(30):
+                    latencies += await asyncio.gather(
+                        *(_event_after(r, marker, committed) for r, _ in streams))
+        finally:
+            await conn.close()
+            for _, writer in streams:
+                writer.close()
+        result = {**summary_ms(latencies), "streams": n, "rounds": rounds,
+                  "bytes_per_stream": bytes_per_stream}
+        self.say(f"  {n} streams: change -> event p50 {result['p50_ms']:.1f} ms, p99 "
+                 f"{result['p99_ms']:.1f} ms; {bytes_per_stream:,.0f} bytes per idle stream")
+        return result
+
     # -- bulk -----------------------------------------------------------------------------
     async def measure_bulk(self, apis: Sequence[Api]) -> dict[str, Any]:
         """One transaction upserts N rates (the updater's path); until all instances serve all."""
@@ -1260,6 +1369,19 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      TARGETS["bulk_p99_ms"], verdict(bulk["p99_ms"] <= 50)))
         rows.append(("bulk: longest event-loop stall of an instance", f"{bulk['stall_max_ms']:.2f} ms",
                      "", TARGETS["bulk_stall_ms"], verdict(bulk["stall_max_ms"] <= 5)))
+    if ryw := results.get("ryw"):
+        outcomes = ryw["outcomes"]
+        total = max(1, sum(outcomes.values()))
+        rows.append(("read your write on B (PUT on A, GET on B with X-Xrates-Min-Version)",
+                     f"p50 {ryw['p50_ms']:.3f}, p99 {ryw['p99_ms']:.3f} ms; cached "
+                     f"{outcomes['cached'] / total:.0%}, waited {outcomes['waited'] / total:.0%}, "
+                     f"database {outcomes['database'] / total:.0%}; older {ryw['older']}", "",
+                     "never older", verdict(ryw["older"] == 0)))
+    if streams := results.get("streams"):
+        rows.append((f"change -> event on {streams['streams']:,} streams of one worker",
+                     f"p50 {streams['p50_ms']:.1f}, p99 {streams['p99_ms']:.1f} ms; "
+                     f"{streams['bytes_per_stream']:,.0f} bytes per idle stream", "",
+                     TARGETS["stream_p99_ms"], verdict(streams["p99_ms"] <= 50)))
     if memory := results.get("memory"):
         rows.append(("memory per cached rate (65,536 vs empty)",
                      f"{memory['bytes_per_rate']:.0f} bytes ({memory['empty_rss_mb']:.0f} -> "

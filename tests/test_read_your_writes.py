@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncpg
 import httpx
-from conftest import ApiProcess, wait_for
+from conftest import ApiProcess, metric, wait_for
 
 ROUNDS = 40
 
@@ -90,6 +90,11 @@ async def test_read_your_writes_through_another_instance(db_url, start_api) -> N
     how = await _write_then_read_elsewhere(a, b, ROUNDS)
     assert sum(how.values()) == ROUNDS and set(how) <= {"hit", "bypass"}, how
     print(f"\nlistener alive: X-Cache counts {how}")
+    # /metrics says how each was answered: at once, after a wait, or from the database
+    outcomes = {k: await metric(b, f'xrates_min_version_reads_total{{outcome="{k}"}}')
+                for k in ("cached", "waited", "database")}
+    assert sum(outcomes.values()) == ROUNDS, outcomes
+    assert outcomes["cached"] + outcomes["waited"] == how.get("hit", 0), (outcomes, how)
 
 
 async def _hit(api: ApiProcess) -> bool:
