@@ -36,6 +36,7 @@ from sanic.worker.loader import AppLoader
 from sanic_ext import Extend, openapi
 from sanic_ext.extensions.http.extension import HTTPExtension
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
+from sanic_ext.extensions.openapi.types import String  # a parameter schema sanic-ext keeps as is
 
 import convert as convert_paths  # "convert" is the route's name below
 import frankfurter
@@ -439,11 +440,9 @@ _MIN_VERSION_PARAMS = [
                  "from a write's `X-Xrates-Version`) the answer is at least as new as that "
                  "write, on any instance."),
     parameter=[*_path_params("base", "quote"), *_MIN_VERSION_PARAMS,
-               _parameter("date", {"type": "string",
-                                                      "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+               _parameter("date", String(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}$"),
                                              location="query"),
-               _parameter("source", {"type": "string",
-                                                        "pattern": "^[a-z][a-z0-9_-]{0,31}$"},
+               _parameter("source", String(pattern="^[a-z][a-z0-9_-]{0,31}$"),
                                              location="query")],
     response=_responses((200, "the rate", {"oneOf": [RATE_SCHEMA, {
                             "type": "object", "properties": {
@@ -588,9 +587,9 @@ CONVERT_ON_DAY_SCHEMA = {
                 "date before today is `Cache-Control: public, max-age=86400`, else `no-cache`, "
                 "both with an ETag. A date that is not YYYY-MM-DD or does not exist is 422.",
     parameter=[*_query_params("from", "to", "amount"),
-               _parameter("date", {"type": "string",
-                                   "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}, location="query"),
-               _parameter("source", {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$"},
+               _parameter("date", String(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}$"),
+                          location="query"),
+               _parameter("source", String(pattern="^[a-z][a-z0-9_-]{0,31}$"),
                           location="query")],
     response=_responses((200, "the conversion (with `date` when ?date= was given)",
                          {"oneOf": [CONVERT_SCHEMA, CONVERT_ON_DAY_SCHEMA]}),
@@ -1156,8 +1155,8 @@ HISTORY_RATE_SCHEMA = {
         "via": {"type": "array", "items": {"type": "string"}},
     },
 }
-_DAY_PARAM = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
-_SOURCE_PARAM = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$"}
+_DAY_PARAM = String(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_SOURCE_PARAM = String(pattern="^[a-z][a-z0-9_-]{0,31}$")
 
 
 @bp.get("/v1/rates/<base:str>/<quote:str>/history", name="rate_history")
