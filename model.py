@@ -935,6 +935,30 @@ SELECT_SOURCE_DAYS = (
     "WHERE source = $1 AND day BETWEEN $2 AND $3 AND (base = $4 OR quote = $4)"
 )
 
+# The one-day path fallback's read: on each of the days $3, every source's rows (or only $4's)
+# that can be a leg of a path $1 -> $2 through at most two intermediates: those touching $1 or
+# $2, and those between two currencies one leg from $1 or $2 that day (a middle leg). The
+# distinct sources come from a loose index scan of the primary key (source first), so each
+# source's days are read through rate_history_source_day and not by a scan of every day.
+SELECT_PATH_ROWS = (
+    "WITH RECURSIVE srcs(s) AS ("
+    " SELECT min(source) FROM rate_history WHERE $4::text IS NULL OR source = $4"
+    " UNION ALL"
+    " SELECT (SELECT min(source) FROM rate_history WHERE source > s AND $4::text IS NULL)"
+    " FROM srcs WHERE s IS NOT NULL"
+    "), w AS MATERIALIZED ("
+    " SELECT h.day, h.base, h.quote, h.rate, h.source FROM srcs"
+    " JOIN rate_history h ON h.source = srcs.s AND h.day = ANY($3::date[])"
+    "), near AS ("
+    " SELECT DISTINCT day, CASE WHEN base IN ($1, $2) THEN quote ELSE base END AS code"
+    " FROM w WHERE base IN ($1, $2) OR quote IN ($1, $2)"
+    ") "
+    "SELECT day, base, quote, rate::text AS rate, source FROM w "
+    "WHERE base IN ($1, $2) OR quote IN ($1, $2) "
+    "OR (EXISTS (SELECT 1 FROM near n WHERE n.day = w.day AND n.code = w.base) "
+    "AND EXISTS (SELECT 1 FROM near n WHERE n.day = w.day AND n.code = w.quote))"
+)
+
 
 class HistoryRow(NamedTuple):
     """One stored history value: on `day`, 1 `base` cost `rate` `quote` (exact decimal)."""
@@ -1012,3 +1036,14 @@ async def source_days(store: Store, source: str, pivot: str, start: date,
     records = await store._fetch(SELECT_SOURCE_DAYS, source, start, end, pivot)
     return [HistoryRow(r["day"], r["base"].strip(), r["quote"].strip(), Decimal(r["rate"]),
                        source) for r in records]
+
+
+async def path_rows(store: Store, src: str, dst: str, days: Sequence[date],
+                    source: str | None = None) -> list[HistoryRow]:
+    """The rows of ``days`` that can be a leg of a path ``src`` -> ``dst`` with at most two
+    intermediates (SELECT_PATH_ROWS), from every source or only ``source``."""
+    if not days:
+        return []
+    records = await store._fetch(SELECT_PATH_ROWS, src, dst, list(days), source)
+    return [HistoryRow(r["day"], r["base"].strip(), r["quote"].strip(), Decimal(r["rate"]),
+                       r["source"]) for r in records]

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -380,6 +380,7 @@ class StallProbe(threading.Thread):
 
 # ============================================================================= the benchmark
 TARGETS = {
+    "history_year_p50_ms": "<= 5 ms",
     "hit_vs_ceiling_alternating": ">= 0.95",
     "hit_vs_read_through_wrk": ">= 3.0",
     "propagation_p99_ms": "<= 1.0 ms and <= 3x floor p99",
@@ -389,8 +390,8 @@ TARGETS = {
     "stream_p99_ms": "p99 <= 50 ms",
     "miss_p50_ms": "<= 1.0 ms",
 }
-PHASES = ("miss", "handler", "wrk", "alternating", "propagation", "bulk", "ryw", "streams",
-          "memory")
+PHASES = ("miss", "handler", "wrk", "alternating", "propagation", "bulk", "history", "ryw",
+          "streams", "memory")
 CEILING_PATH = "/health"  # contract §4: constant, no I/O, same middleware: the framework ceiling
 FLOOR_CHANNEL = "xrates_bench_floor"  # a channel no API instance listens on
 PROBE_INTERVAL_S = 0.0005  # pace of the event-loop stall probes during bulk rounds
@@ -407,6 +408,20 @@ SELECT_VERSIONS = (
 # Memory: change every row once (in chunks), which pushes it into every instance's cache.
 TOUCH_RATES = "UPDATE rate SET rate = rate * 2 WHERE version % $1 = $2"
 TOUCH_CHUNKS = 16
+# History: 10 years x 30 pairs (EUR/XAA..EUR/XBD) of one source, one row per day, in one
+# statement; day is the UTC date of as_of, as the table's CHECK requires.
+HISTORY_YEARS, HISTORY_PAIRS, HISTORY_SAMPLES = 10, 30, 200
+SEED_HISTORY = (
+    "INSERT INTO rate_history (source, base, quote, day, rate, as_of) "
+    "SELECT 'bench', 'EUR', 'X' || chr(65 + p / 26) || chr(65 + p % 26), "
+    "(d AT TIME ZONE 'UTC')::date, 1 + p / 100.0 + extract(doy FROM d) / 10000.0, d "
+    "FROM generate_series(0, $1 - 1) AS p, "
+    "generate_series($2::timestamptz, $3::timestamptz, interval '1 day') AS d"
+)
+HISTORY_SIZE = (
+    "SELECT pg_total_relation_size('rate_history') AS bytes, "
+    "(SELECT count(*) FROM rate_history) AS rows"
+)
 WRK_SCRIPT = """
 local paths = {%s}
 local requests = nil
@@ -744,6 +759,8 @@ class Bench:
             self.results["propagation"] = self.measure_propagation(a, b)
         if "bulk" in phases:
             self.results["bulk"] = asyncio.run(self.measure_bulk([a, b]))
+        if "history" in phases:
+            self.results["history"] = self.measure_history(a)
         if "ryw" in phases:
             self.results["ryw"] = self.measure_ryw(a, b)
         self.stop_apis([a, b])
@@ -756,6 +773,46 @@ class Bench:
             self.results["memory"] = self.measure_memory()
         self.results["elapsed_s"] = time.monotonic() - started
         return self.results
+
+    def measure_history(self, api: Api) -> dict[str, Any]:
+        """Storage bytes per history row (10 years x 30 pairs, indexes included, after VACUUM
+        so the figure is the table's, not its dead tuples') and a one-year daily series of one
+        pair through /v1/rates/{b}/{q}/history end to end, serially on one connection."""
+        self.say(f"history: seeding {HISTORY_YEARS} years x {HISTORY_PAIRS} pairs")
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        first = today - timedelta(days=round(HISTORY_YEARS * 365.25) - 1)
+        size = asyncio.run(self._seed_history(first, today))
+        start = (today - timedelta(days=364)).date()
+        path = f"/v1/rates/EUR/XAA/history?start={start}&end={today.date()}"
+        times, bad = [], 0
+        conn = api.conn()
+        try:
+            days = len(json.loads(conn.call("GET", path)[2])["rates"])  # warm: plans, pool
+            for _ in range(HISTORY_SAMPLES):
+                data = conn.request_bytes("GET", path)
+                t0 = time.perf_counter()
+                conn.send(data)
+                status, _, _ = conn.read(1)[0]
+                times.append(time.perf_counter() - t0)
+                bad += status != 200
+        finally:
+            conn.close()
+        if bad:
+            self.notes.append(f"history: {bad} series reads were not 200")
+        return {**summary_ms(times), "days": days, "rows": size["rows"],
+                "bytes_per_row": size["bytes"] / size["rows"], "total_mb": size["bytes"] / 2**20}
+
+    async def _seed_history(self, first: datetime, last: datetime) -> dict[str, int]:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute(SEED_HISTORY, HISTORY_PAIRS, first, last)
+            await conn.execute("VACUUM ANALYZE rate_history")
+            row = await conn.fetchrow(HISTORY_SIZE)
+        finally:
+            await conn.close()
+        return {"bytes": row["bytes"], "rows": row["rows"]}
 
     def warm_hot(self, api: Api) -> None:
         conn = api.conn()
@@ -1387,6 +1444,15 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"{memory['bytes_per_rate']:.0f} bytes ({memory['empty_rss_mb']:.0f} -> "
                      f"{memory['full_rss_mb']:.0f} MiB RSS)", "", TARGETS["memory_bytes_per_rate"] + " bytes",
                      verdict(memory["bytes_per_rate"] <= 1024)))
+    if history := results.get("history"):
+        rows.append((f"history: one-year daily series of one pair ({history['days']} days), "
+                     "`/history` end to end",
+                     f"p50 {history['p50_ms']:.2f} ms, p99 {history['p99_ms']:.2f} ms", "",
+                     TARGETS["history_year_p50_ms"], verdict(history["p50_ms"] <= 5)))
+        rows.append((f"history storage per (source, pair, day) row ({history['rows']:,} rows: "
+                     f"{HISTORY_YEARS} years x {HISTORY_PAIRS} pairs, indexes included)",
+                     f"{history['bytes_per_row']:.0f} bytes ({history['total_mb']:.1f} MiB)",
+                     "", "", ""))
     return rows
 
 

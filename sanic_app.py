@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 from sanic import Blueprint, Request, Sanic
 from sanic.exceptions import SanicException
@@ -36,6 +36,7 @@ from sanic.worker.loader import AppLoader
 from sanic_ext import Extend, openapi
 from sanic_ext.extensions.http.extension import HTTPExtension
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
+from sanic_ext.extensions.openapi.types import String  # a parameter schema sanic-ext keeps as is
 
 import convert as convert_paths  # "convert" is the route's name below
 import frankfurter
@@ -430,16 +431,18 @@ _MIN_VERSION_PARAMS = [
     description=("With `date=YYYY-MM-DD` (and optionally `source`): the newest day within "
                  "[date - 14 days, date] on which some source (or `source`) quotes the pair "
                  "directly or inversely, answered as {base, quote, rate, source, date, via}; "
-                 "a date before today is `public, max-age=86400`, else `no-cache`. `source` "
+                 "only if none does, a path of at most two intermediate currencies whose legs "
+                 "all fall on one day (the newest such day in the window), ranked as "
+                 "/v1/convert ranks paths, `via` naming the intermediates and `source` the "
+                 "source of the path's lowest-priority leg; a date before today is "
+                 "`public, max-age=86400`, else `no-cache`. `source` "
                  "without `date` is 422. With `X-Xrates-Min-Version: V` (or `?min_version=V`, V "
                  "from a write's `X-Xrates-Version`) the answer is at least as new as that "
                  "write, on any instance."),
     parameter=[*_path_params("base", "quote"), *_MIN_VERSION_PARAMS,
-               _parameter("date", {"type": "string",
-                                                      "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+               _parameter("date", String(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}$"),
                                              location="query"),
-               _parameter("source", {"type": "string",
-                                                        "pattern": "^[a-z][a-z0-9_-]{0,31}$"},
+               _parameter("source", String(pattern="^[a-z][a-z0-9_-]{0,31}$"),
                                              location="query")],
     response=_responses((200, "the rate", {"oneOf": [RATE_SCHEMA, {
                             "type": "object", "properties": {
@@ -561,12 +564,17 @@ def plain(number: Decimal | Fraction) -> str:
     return convert_paths.plain(number)
 
 
-CONVERT_SCHEMA = {
+_CONVERT_FIELDS: dict[str, Any] = {
+    "from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "number"},
+    "rate": {"type": "number"}, "result": {"type": "number"},
+    "via": {"type": "array", "maxItems": convert_paths.MAX_INTERMEDIATES,
+            "items": {"type": "string"}}}
+CONVERT_SCHEMA = {"type": "object", "properties": _CONVERT_FIELDS}
+
+
+CONVERT_ON_DAY_SCHEMA = {
     "type": "object", "properties": {
-        "from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "number"},
-        "rate": {"type": "number"}, "result": {"type": "number"},
-        "via": {"type": "array", "maxItems": convert_paths.MAX_INTERMEDIATES,
-                "items": {"type": "string"}}}}
+        **_CONVERT_FIELDS, "date": {"type": "string", "format": "date"}}}
 
 
 @bp.get("/v1/convert", name="convert")
@@ -575,9 +583,23 @@ CONVERT_SCHEMA = {
     description="Paths rank by fewer hops, then the priority of their lowest-priority leg "
                 "(manual, then XRATES_SOURCES order), then fewer inverted legs (a direct leg "
                 "first), then intermediates EUR, USD, then A-Z; `via` lists them in order. "
-                "Exact arithmetic, rounded once to 15 significant digits (half-even).",
-    parameter=_query_params("from", "to", "amount"),
-    response=_responses((200, "the conversion", CONVERT_SCHEMA),
+                "Exact arithmetic, rounded once to 15 significant digits (half-even). "
+                "With `date=YYYY-MM-DD` (and optionally `source`, which needs `date`) the "
+                "conversion reads history by the `?date=` rule of `/v1/rates/{base}/{quote}`: "
+                "the newest day of [date - 14 days, date] on which some source (or `source`) "
+                "quotes the pair directly or inversely, its highest-priority such source; only "
+                "if none does, the best path (ranked as above) whose legs all fall on one day, "
+                "the newest such day of the window. The answer adds `date`, the day used; a "
+                "date before today is `Cache-Control: public, max-age=86400`, else `no-cache`, "
+                "both with an ETag. A date that is not YYYY-MM-DD or does not exist is 422.",
+    parameter=[*_query_params("from", "to", "amount"),
+               _parameter("date", String(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}$"),
+                          location="query"),
+               _parameter("source", String(pattern="^[a-z][a-z0-9_-]{0,31}$"),
+                          location="query")],
+    response=_responses((200, "the conversion (with `date` when ?date= was given)",
+                         {"oneOf": [CONVERT_SCHEMA, CONVERT_ON_DAY_SCHEMA]}),
+                        (304, "not modified (If-None-Match, with ?date=)", {}),
                         (404, "no path between the currencies", None), *_ERRORS_READ),
 )
 async def convert(request: Request) -> HTTPResponse:
@@ -592,6 +614,8 @@ async def convert(request: Request) -> HTTPResponse:
     raw_amount = query_arg(request, "amount")
     amount = parse_decimal(raw_amount, "amount") if raw_amount is not None else Decimal(1)
     store, sources = store_of(request), settings_of(request).sources
+    if request.query_string and ("date" in request.args or "source" in request.args):
+        return await convert_on_day(request, store, src, dst, amount, sources)
     path = await _cached_path(store, src, dst, sources)
     if path is None:
         path = convert_paths.find_path(await store.path_rates(), src, dst, sources)
@@ -599,12 +623,34 @@ async def convert(request: Request) -> HTTPResponse:
         raise ApiError(404, f"no rate path from {src} to {dst} "
                             "(direct, inverse or through up to two currencies)")
     rate, result = convert_paths.convert(amount, path)
+    return HTTPResponse((_convert_body(src, dst, amount, rate, result, path.via) + "}").encode(),
+                        content_type=JSON_TYPE, headers={"Cache-Control": "no-cache"})
+
+
+def _convert_body(src: str, dst: str, amount: Decimal, rate: Fraction, result: Fraction,
+                  via: list[str]) -> str:
     # Built by hand: the numbers are exact decimal literals, which json.dumps cannot write.
-    body = (
-        f'{{"from":"{src}","to":"{dst}","amount":{plain(amount)},"rate":{plain(rate)},'
-        f'"result":{plain(result)},"via":{json.dumps(path.via)}}}'
-    ).encode()
-    return HTTPResponse(body, content_type=JSON_TYPE, headers={"Cache-Control": "no-cache"})
+    return (f'{{"from":"{src}","to":"{dst}","amount":{plain(amount)},"rate":{plain(rate)},'
+            f'"result":{plain(result)},"via":{json.dumps(via)}')
+
+
+async def convert_on_day(request: Request, store: model.Store, src: str, dst: str,
+                         amount: Decimal, sources: tuple[str, ...]) -> HTTPResponse:
+    """`/v1/convert?date=` (history section: value_on_day's rule, content_response's caching)."""
+    raw_day = query_arg(request, "date")
+    if raw_day is None:
+        raise invalid("date", "is required with source")
+    day = parse_day_arg(raw_day, "date")
+    raw_source = query_arg(request, "source")
+    source = parse_source(raw_source) if raw_source is not None else None
+    found = await value_on_day(store, src, dst, day, source, sources)
+    if found is None:
+        raise ApiError(404, f"no rate path from {src} to {dst} within {LOOKBACK_DAYS} days up "
+                            f"to {day.isoformat()} (direct, inverse or through up to two "
+                            "currencies on one day)")
+    body = (_convert_body(src, dst, amount, found.rate, Fraction(amount) * found.rate, found.via)
+            + f',"date":"{found.day.isoformat()}"}}').encode()
+    return content_response(request, body, fixed=day < utc_today())
 
 
 async def _cached_path(store: model.Store, src: str, dst: str,
@@ -994,32 +1040,82 @@ def source_rank(source: str, sources: tuple[str, ...]) -> tuple[int, str]:
     return (1 + len(sources), source)
 
 
-def best_per_day(rows: list[model.HistoryRow], base: str, quote: str,
-                 sources: tuple[str, ...]) -> dict[date, tuple[Decimal, str]]:
-    """Each day's value of base/quote: the highest-priority source quoting it directly or
-    inversely that day (of one source, direct before inverse); the inverse is 1/r."""
+def best_rows_per_day(rows: list[model.HistoryRow], base: str, quote: str,
+                      sources: tuple[str, ...]) -> dict[date, model.HistoryRow]:
+    """Each day's row for base/quote: the highest-priority source quoting it directly or
+    inversely that day (of one source, direct before inverse)."""
     best: dict[date, tuple[tuple[tuple[int, str], int], model.HistoryRow]] = {}
     for row in rows:
         rank = (source_rank(row.source, sources), 0 if row.base == base else 1)
         if row.day not in best or rank < best[row.day][0]:
             best[row.day] = (rank, row)
-    picked = {}
-    for day, (_, row) in best.items():
-        rate = row.rate if row.base == base else _WIDE.divide(1, row.rate)
-        picked[day] = (rate, row.source)
-    return picked
+    return {day: row for day, (_, row) in best.items()}
 
 
-async def path_on_day(store: model.Store, base: str, quote: str, start: date, end: date,
-                      source: str | None) -> tuple[date, Decimal, str, list[str]] | None:
-    """Seam for the history fallback: a path of at most two intermediate currencies whose legs
-    all fall on one day (the newest such day in [start, end]), ranked as /v1/convert ranks
-    paths; (day, rate, source, via). Not implemented yet: None, so no direct or inverse
-    quote means 404."""
-    return None
+def best_per_day(rows: list[model.HistoryRow], base: str, quote: str,
+                 sources: tuple[str, ...]) -> dict[date, tuple[Decimal, str]]:
+    """Each day's value of base/quote (best_rows_per_day); the inverse is 1/r."""
+    return {day: (row.rate if row.base == base else _WIDE.divide(1, row.rate), row.source)
+            for day, row in best_rows_per_day(rows, base, quote, sources).items()}
 
 
-def _history_rate_body(base: str, quote: str, rate: Decimal, source: str, day: date,
+class DayValue(NamedTuple):
+    """A pair's value on one day: exact, the source reported, the intermediates (or [])."""
+
+    day: date
+    rate: Fraction
+    source: str
+    via: list[str]
+
+
+def paths_per_day(rows: list[model.HistoryRow], base: str, quote: str,
+                  sources: tuple[str, ...], *, newest_only: bool = False) -> dict[date, DayValue]:
+    """Each day's best path base -> quote over that day's rows alone (legs never mix days),
+    ranked by convert.py as /v1/convert ranks paths. Of several sources quoting one pair on a
+    day only the highest-priority one is kept, so the graph has one row per pair as convert.py
+    expects. The source reported is that of the path's lowest-priority leg (the one that ranks
+    it). ``newest_only``: stop at the newest day with a path (?date=)."""
+    per_day: dict[date, dict[tuple[str, str], model.HistoryRow]] = {}
+    for row in rows:
+        pairs = per_day.setdefault(row.day, {})
+        kept = pairs.get((row.base, row.quote))
+        if kept is None or source_rank(row.source, sources) < source_rank(kept.source, sources):
+            pairs[(row.base, row.quote)] = row
+    priority = convert_paths.Priority(sources)
+    found: dict[date, DayValue] = {}
+    for day in sorted(per_day, reverse=True):
+        graph = convert_paths.Graph(
+            ((r.base, r.quote, r.rate, r.source) for r in per_day[day].values()), priority)
+        path = graph.best_path(base, quote)
+        if path is None:
+            continue
+        source = max((leg.row.source for leg in path.legs),
+                     key=lambda name: source_rank(name, sources))
+        found[day] = DayValue(day, path.rate, source, path.via)
+        if newest_only:
+            break
+    return found
+
+
+async def value_on_day(store: model.Store, base: str, quote: str, day: date,
+                       source: str | None, sources: tuple[str, ...]) -> DayValue | None:
+    """The ?date= rule: the newest day of [day - 14, day] on which some source (or only
+    ``source``) quotes the pair directly or inversely, its highest-priority such source; only
+    if there is none, the newest day of the window with a one-day path (paths_per_day)."""
+    start = days_before(day, LOOKBACK_DAYS)
+    picked = best_rows_per_day(await model.pair_history(store, base, quote, start, day, source),
+                               base, quote, sources)
+    if picked:
+        row = picked[max(picked)]
+        exact = Fraction(row.rate)
+        return DayValue(row.day, exact if row.base == base else 1 / exact, row.source, [])
+    window = [start + timedelta(days=n) for n in range((day - start).days + 1)]
+    rows = await model.path_rows(store, base, quote, window, source)
+    paths = paths_per_day(rows, base, quote, sources, newest_only=True)
+    return paths[max(paths)] if paths else None
+
+
+def _history_rate_body(base: str, quote: str, rate: Decimal | Fraction, source: str, day: date,
                        via: list[str]) -> str:
     return (f'{{"base":"{base}","quote":"{quote}","rate":{plain(rate)},'
             f'"source":{json.dumps(source)},"date":"{day.isoformat()}","via":{json.dumps(via)}}}')
@@ -1041,21 +1137,14 @@ async def rate_on_day(request: Request, base: str, quote: str) -> HTTPResponse:
     day = parse_day_arg(raw_day, "date")
     raw_source = query_arg(request, "source")
     source = parse_source(raw_source) if raw_source is not None else None
-    store = store_of(request)
-    start = days_before(day, LOOKBACK_DAYS)
-    picked = best_per_day(await model.pair_history(store, base, quote, start, day, source),
-                          base, quote, settings_of(request).sources)
-    if picked:
-        used = max(picked)
-        rate, used_source = picked[used]
-        via: list[str] = []
-    else:
-        found = await path_on_day(store, base, quote, start, day, source)
-        if found is None:
-            raise ApiError(404, f"no rate for {base}/{quote} within {LOOKBACK_DAYS} days "
-                                f"up to {day.isoformat()}")
-        used, rate, used_source, via = found
-    body = _history_rate_body(base, quote, rate, used_source, used, via).encode()
+    found = await value_on_day(store_of(request), base, quote, day, source,
+                               settings_of(request).sources)
+    if found is None:
+        raise ApiError(404, f"no rate for {base}/{quote} within {LOOKBACK_DAYS} days "
+                            f"up to {day.isoformat()} (direct, inverse or through up to two "
+                            "currencies on one day)")
+    body = _history_rate_body(base, quote, found.rate, found.source, found.day,
+                              found.via).encode()
     return content_response(request, body, fixed=day < utc_today())
 
 
@@ -1067,8 +1156,8 @@ HISTORY_RATE_SCHEMA = {
         "via": {"type": "array", "items": {"type": "string"}},
     },
 }
-_DAY_PARAM = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
-_SOURCE_PARAM = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$"}
+_DAY_PARAM = String(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_SOURCE_PARAM = String(pattern="^[a-z][a-z0-9_-]{0,31}$")
 
 
 @bp.get("/v1/rates/<base:str>/<quote:str>/history", name="rate_history")
@@ -1076,7 +1165,10 @@ _SOURCE_PARAM = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$"}
     summary="A pair's daily history (oldest first)",
     description=(
         "For each day in [start, end] with a value: the highest-priority source quoting the "
-        "pair directly or inversely that day (or only `source`). `end` defaults to today "
+        "pair directly or inversely that day (or only `source`); a day without one, the best "
+        "path through at most two intermediate currencies over that day's rows alone (ranked "
+        "as /v1/convert ranks paths; `via` names them, `source` is the source of the path's "
+        "lowest-priority leg). `end` defaults to today "
         "(UTC). `start` after `end`, or `end - start` over 3652 days, is 422; a day that does "
         "not exist (2024-02-30) is 422. `start_date`/`end_date` are the first and last days "
         "returned. A range ending before today is `Cache-Control: public, max-age=86400` "
@@ -1113,14 +1205,25 @@ async def rate_history(request: Request, base: str, quote: str) -> HTTPResponse:
         raise invalid("end", f"the range spans more than {MAX_SPAN_DAYS} days")
     raw_source = query_arg(request, "source")
     source = parse_source(raw_source) if raw_source is not None else None
-    rows = await model.pair_history(store_of(request), base, quote, start, end, source)
-    picked = best_per_day(rows, base, quote, settings_of(request).sources)
+    store, sources = store_of(request), settings_of(request).sources
+    rows = await model.pair_history(store, base, quote, start, end, source)
+    picked: dict[date, tuple[Decimal | Fraction, str, list[str]]] = {
+        day: (rate, used, []) for day, (rate, used) in best_per_day(rows, base, quote,
+                                                                      sources).items()}
+    # Days without a direct or inverse value get the one-day path rule: one read of all the
+    # missing days (not one per day), and none when every day has a value.
+    missing = [start + timedelta(days=n) for n in range((end - start).days + 1)]
+    missing = [day for day in missing if day not in picked]
+    for day, found in paths_per_day(await model.path_rows(store, base, quote, missing, source),
+                                    base, quote, sources).items():
+        picked[day] = (found.rate, found.source, found.via)
     if not picked:
         raise ApiError(404, f"no rate for {base}/{quote} between {start} and {end}")
     days = sorted(picked)
     items = ",".join(
         f'{{"date":"{day.isoformat()}","rate":{plain(picked[day][0])},'
-        f'"source":{json.dumps(picked[day][1])},"via":[]}}' for day in days)
+        f'"source":{json.dumps(picked[day][1])},"via":{json.dumps(picked[day][2])}}}'
+        for day in days)
     body = (f'{{"base":"{base}","quote":"{quote}","start_date":"{days[0].isoformat()}",'
             f'"end_date":"{days[-1].isoformat()}","rates":[{items}]}}').encode()
     return content_response(request, body, fixed=end < today)
