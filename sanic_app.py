@@ -37,6 +37,7 @@ from sanic_ext import Extend, openapi
 from sanic_ext.extensions.http.extension import HTTPExtension
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 from sanic_ext.extensions.openapi.types import String  # a parameter schema sanic-ext keeps as is
+from sanic_ext.extensions.openapi.types import Schema as OpenAPISchema
 
 import convert as convert_paths  # "convert" is the route's name below
 import frankfurter
@@ -177,7 +178,8 @@ def parse_rate_body(data: dict[str, Any]) -> tuple[Decimal, str, datetime]:
 
 
 def query_arg(request: Request, name: str) -> str | None:
-    values = request.args.getlist(name)
+    # Blank values count: `?quote=` is an invalid code, not "no filter".
+    values = request.get_args(keep_blank_values=True).getlist(name)
     if not values:
         return None
     if len(values) > 1:
@@ -297,7 +299,23 @@ async def on_sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
         413: f"body larger than {MAX_BODY_BYTES} bytes",
     }.get(status, str(exc) or "request error")
     headers = dict(exc.headers or {})
+    if status == 405 and "Allow" not in headers:
+        # Sanic names the allowed methods only when the router itself refused the method;
+        # a method it does not route at all (TRACE) comes without: RFC 9110 wants Allow.
+        headers["Allow"] = ", ".join(allowed_methods(request))
     return error_response(status, message, headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers on this request's path (HEAD and OPTIONS always)."""
+    allowed = []
+    for method in ("GET", "POST", "PUT", "DELETE"):
+        try:
+            request.app.router.get(request.path, method, request.headers.get("host"))
+        except SanicException:
+            continue
+        allowed.append(method)
+    return [*allowed, "HEAD", "OPTIONS"] if "GET" in allowed else [*allowed, "OPTIONS"]
 
 
 async def on_unexpected(request: Request, exc: Exception) -> HTTPResponse:
@@ -388,6 +406,8 @@ def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _responses(*pairs: tuple[int, str, dict[str, Any] | None]) -> list[openapi.definitions.Response]:
     return [
+        openapi.definitions.Response(status=status, description=description)
+        if status in (204, 304) else  # no body, so no content type
         openapi.definitions.Response(_json_content(schema or ERROR_SCHEMA), status=status,
                                      description=description)
         for status, description, schema in pairs
@@ -403,19 +423,37 @@ _ERRORS_WRITE = (
 )
 
 
+class _RawSchema(OpenAPISchema):
+    """A JSON schema written out as given. sanic-ext reads a plain dict as a *type* (an
+    object whose properties default to the dict's values), which documented
+    {"type": "string", "pattern": ...} as an object with properties "type" and "pattern"."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        super().__init__()
+        self.raw = schema
+
+    def serialize(self) -> dict[str, Any]:
+        return self.raw
+
+
 def _parameter(name: str, schema: Any, **where: Any) -> Any:
-    """An OpenAPI parameter; ``schema`` a type or a JSON-schema dict (sanic-ext takes both,
-    its type hints name only the first)."""
+    """An OpenAPI parameter; ``schema`` a type or a JSON-schema dict (written out as is)."""
+    if isinstance(schema, dict):
+        schema = _RawSchema(schema)
     return openapi.definitions.Parameter(name, schema, **where)
 
 
+CODE_PARAM = {"type": "string", "pattern": "^[A-Za-z]{3}$"}
+
+
 def _path_params(*names: str) -> list[Any]:
-    return [_parameter(name, str, location="path", required=True)
-            for name in names]
+    """Currency-code path parameters (three letters, either case)."""
+    return [_parameter(name, CODE_PARAM, location="path", required=True) for name in names]
 
 
 def _query_params(*names: str) -> list[Any]:
-    return [_parameter(name, str, location="query") for name in names]
+    """Optional currency-code query parameters."""
+    return [_parameter(name, CODE_PARAM, location="query") for name in names]
 
 
 _MIN_VERSION_PARAMS = [
@@ -731,7 +769,9 @@ async def sources_list(request: Request) -> HTTPResponse:
 @openapi.definition(
     summary="Ask the updater to run now (all configured sources, or the ones named)",
     body=_json_content({"type": "object", "additionalProperties": False, "properties": {
-        "sources": {"type": "array", "items": {"type": "string"}}}}),
+        "sources": {"type": "array", "minItems": 1, "maxItems": 20, "items": {
+            "type": "string", "enum": sorted({*util.KNOWN_SOURCES,
+                                              *(n.upper() for n in util.KNOWN_SOURCES)})}}}}),
     response=_responses((202, "queued", {"type": "object", "properties": {
         "id": {"type": "integer"}, "status": {"type": "string"}}}), *_ERRORS_WRITE),
 )
@@ -739,8 +779,8 @@ async def updates_create(request: Request) -> HTTPResponse:
     authorise_write(request)
     data = read_json_object(request, optional=True)
     check_fields(data, ("sources",), ())
-    sources = data.get("sources")
-    if sources is not None:
+    if "sources" in data:
+        sources = data["sources"]
         if not isinstance(sources, list) or not sources or len(sources) > 20:
             raise invalid("sources", "must be a non-empty list of source names")
         for name in sources:
@@ -748,6 +788,8 @@ async def updates_create(request: Request) -> HTTPResponse:
                 raise invalid("sources", f"unknown source {str(name)[:40]!r}; known: "
                                          f"{', '.join(util.KNOWN_SOURCES)}")
         sources = list(dict.fromkeys(name.lower() for name in sources))
+    else:
+        sources = None
     run = await store_of(request).queue_run(sources)
     return json_response({"id": run["id"], "status": run["status"]}, status=202,
                          headers={"Location": f"/v1/updates/{run['id']}"})
@@ -756,7 +798,10 @@ async def updates_create(request: Request) -> HTTPResponse:
 @bp.get("/v1/updates", name="updates_list")
 @openapi.definition(
     summary="Update runs, newest first",
-    parameter=_query_params("limit", "status"),
+    parameter=[_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 100},
+                          location="query"),
+               _parameter("status", {"type": "string", "enum": list(RUN_STATUSES)},
+                          location="query")],
     response=_responses((200, "runs", {"type": "object", "properties": {
         "updates": {"type": "array", "items": RUN_SCHEMA}}}), *_ERRORS_READ),
 )
@@ -776,7 +821,8 @@ async def updates_list(request: Request) -> HTTPResponse:
 @bp.get("/v1/updates/<run_id:str>", name="updates_get")
 @openapi.definition(
     summary="One update run with its progress",
-    parameter=_path_params("run_id"),
+    parameter=[_parameter("run_id", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                          location="path", required=True)],
     response=_responses((200, "the run", RUN_SCHEMA), (404, "no such run", None), *_ERRORS_READ),
 )
 async def updates_get(request: Request, run_id: str) -> HTTPResponse:
@@ -829,7 +875,25 @@ async def metrics_route(request: Request) -> HTTPResponse:
 async def openapi_json(request: Request) -> HTTPResponse:
     from sanic_ext.extensions.openapi.builders import SpecificationBuilder
 
-    return json_response(SpecificationBuilder().build(request.app).serialize())
+    return json_response(finish_document(SpecificationBuilder().build(request.app).serialize()))
+
+
+ALLOW_405 = {"description": "method not allowed", "headers": {
+    "Allow": {"description": "the methods this path answers", "required": True,
+              "schema": {"type": "string"}}}, "content": _json_content(ERROR_SCHEMA)}
+
+
+def finish_document(spec: dict[str, Any]) -> dict[str, Any]:
+    """What sanic-ext's definitions cannot say: 204/304 have no content (it writes `*/*`),
+    and every operation may answer 405 with `Allow`."""
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            for status in ("204", "304"):
+                if status in responses:
+                    responses[status].pop("content", None)
+            responses.setdefault("405", ALLOW_405)
+    return spec
 
 
 # ----------------------------------------------------------------------------- live: stream
