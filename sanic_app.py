@@ -36,8 +36,8 @@ from sanic.worker.loader import AppLoader
 from sanic_ext import Extend, openapi
 from sanic_ext.extensions.http.extension import HTTPExtension
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
-from sanic_ext.extensions.openapi.types import String  # a parameter schema sanic-ext keeps as is
 from sanic_ext.extensions.openapi.types import Schema as OpenAPISchema
+from sanic_ext.extensions.openapi.types import String  # a parameter schema sanic-ext keeps as is
 
 import convert as convert_paths  # "convert" is the route's name below
 import frankfurter
