@@ -183,7 +183,7 @@ async def test_sources_in_openapi_and_errors(db_url, start_api, sql: asyncpg.Con
     spec = (await api.client.get("/openapi.json")).json()
     validate(spec)
     operation = spec["paths"]["/v1/sources"]["get"]
-    assert set(operation["responses"]) == {"200", "503"}
+    assert set(operation["responses"]) == {"200", "405", "503"}  # 405 with its Allow header
     schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
     assert set(schema["properties"]["sources"]["items"]["required"]) == KEYS
     assert (await api.client.post("/v1/sources")).status_code == 405
