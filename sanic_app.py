@@ -675,12 +675,7 @@ def _convert_body(src: str, dst: str, amount: Decimal, rate: Fraction, result: F
 async def convert_on_day(request: Request, store: model.Store, src: str, dst: str,
                          amount: Decimal, sources: tuple[str, ...]) -> HTTPResponse:
     """`/v1/convert?date=` (history section: value_on_day's rule, content_response's caching)."""
-    raw_day = query_arg(request, "date")
-    if raw_day is None:
-        raise invalid("date", "is required with source")
-    day = parse_day_arg(raw_day, "date")
-    raw_source = query_arg(request, "source")
-    source = parse_source(raw_source) if raw_source is not None else None
+    day, source = day_and_source(request)
     found = await value_on_day(store, src, dst, day, source, sources)
     if found is None:
         raise ApiError(404, f"no rate path from {src} to {dst} within {LOOKBACK_DAYS} days up "
@@ -1191,16 +1186,21 @@ def wants_history(request: Request) -> bool:
     return "date" in request.args or "source" in request.args
 
 
+def day_and_source(request: Request) -> tuple[date, str | None]:
+    """?date=YYYY-MM-DD (required when ?source= is given) and the optional ?source=."""
+    raw_day = query_arg(request, "date")
+    if raw_day is None:
+        raise invalid("date", "is required with source")
+    raw_source = query_arg(request, "source")
+    return (parse_day_arg(raw_day, "date"),
+            parse_source(raw_source) if raw_source is not None else None)
+
+
 async def rate_on_day(request: Request, base: str, quote: str) -> HTTPResponse:
     """`?date=YYYY-MM-DD[&source=S]`: the pair's value on the newest day of [date - 14, date]
     on which some source (or S) quotes it directly or inversely."""
     base, quote = parse_pair(base, quote)
-    raw_day = query_arg(request, "date")
-    if raw_day is None:
-        raise invalid("date", "is required with source")
-    day = parse_day_arg(raw_day, "date")
-    raw_source = query_arg(request, "source")
-    source = parse_source(raw_source) if raw_source is not None else None
+    day, source = day_and_source(request)
     found = await value_on_day(store_of(request), base, quote, day, source,
                                settings_of(request).sources)
     if found is None:
