@@ -1021,8 +1021,10 @@ async def pair_history(store: Store, base: str, quote: str, start: date, end: da
     """Every stored value of the pair, in either direction, on days [start, end] (oldest
     first), from every source or only ``source``."""
     records = await store._fetch(SELECT_PAIR_HISTORY, base, quote, start, end, source)
-    return [HistoryRow(r["day"], r["base"].strip(), r["quote"].strip(), Decimal(r["rate"]),
-                       r["source"]) for r in records]
+    # A year of days from several sources is a few thousand rows: built positionally (the
+    # codes are exactly three letters, a CHECK says so, so char(3) carries no padding).
+    return [HistoryRow(day, row_base, row_quote, Decimal(rate), row_source)
+            for day, row_base, row_quote, rate, row_source in records]
 
 
 async def source_newest_day(store: Store, source: str, on_or_before: date) -> date | None:

@@ -1186,6 +1186,11 @@ def wants_history(request: Request) -> bool:
     return "date" in request.args or "source" in request.args
 
 
+@functools.lru_cache(maxsize=1024)
+def _json_cached(value: str | tuple[str, ...]) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
 def day_and_source(request: Request) -> tuple[date, str | None]:
     """?date=YYYY-MM-DD (required when ?source= is given) and the optional ?source=."""
     raw_day = query_arg(request, "date")
@@ -1278,15 +1283,17 @@ async def rate_history(request: Request, base: str, quote: str) -> HTTPResponse:
     # missing days (not one per day), and none when every day has a value.
     missing = [start + timedelta(days=n) for n in range((end - start).days + 1)]
     missing = [day for day in missing if day not in picked]
-    for day, found in paths_per_day(await model.path_rows(store, base, quote, missing, source),
-                                    base, quote, sources).items():
-        picked[day] = (found.rate, found.source, found.via)
+    if missing:
+        rows_on_missing = await model.path_rows(store, base, quote, missing, source)
+        for day, found in paths_per_day(rows_on_missing, base, quote, sources).items():
+            picked[day] = (found.rate, found.source, found.via)
     if not picked:
         raise ApiError(404, f"no rate for {base}/{quote} between {start} and {end}")
     days = sorted(picked)
+    text = _json_cached  # a few sources and vias, a year of days: encode each once
     items = ",".join(
         f'{{"date":"{day.isoformat()}","rate":{plain(picked[day][0])},'
-        f'"source":{json.dumps(picked[day][1])},"via":{json.dumps(picked[day][2])}}}'
+        f'"source":{text(picked[day][1])},"via":{text(tuple(picked[day][2]))}}}'
         for day in days)
     body = (f'{{"base":"{base}","quote":"{quote}","start_date":"{days[0].isoformat()}",'
             f'"end_date":"{days[-1].isoformat()}","rates":[{items}]}}').encode()
