@@ -222,7 +222,7 @@ def forward_to(base_url: str) -> Responder:
 
 async def test_client_against_xrates(
     start_api: Callable[..., object], db_url: str, certificate: tuple[Path, Path],
-    upstream: object,  # noqa: F811 - the fixture
+    upstream: object,
 ) -> None:
     """The same client against a real instance whose history was backfilled from the ECB
     fixture (served over local HTTP); only its base URL is redirected. Each call runs in a

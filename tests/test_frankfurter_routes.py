@@ -20,7 +20,7 @@ from updater import Updater
 PAST = "public, max-age=86400"
 
 
-async def load_ecb_history(db_url: str, upstream) -> None:  # noqa: F811
+async def load_ecb_history(db_url: str, upstream) -> None:
     """`--backfill` of the whole ECB fixture, in-process."""
     upstream.serve("ecb-hist", payload(ECB_90D))
     settings = util.load_settings({"DATABASE_URL": db_url, "XRATES_SOURCES": "ecb",
@@ -35,7 +35,7 @@ async def load_ecb_history(db_url: str, upstream) -> None:  # noqa: F811
 
 
 @pytest.fixture
-async def api(db_url, upstream, start_api):  # noqa: F811
+async def api(db_url, upstream, start_api):
     await load_ecb_history(db_url, upstream)
     return await start_api(db_url, env={"XRATES_SOURCES": "ecb"})
 

@@ -30,7 +30,7 @@ def whole_file_days() -> int:
     return (datetime.now(UTC).date() - FIRST_DAY).days + 1
 
 
-def ecb_env(upstream, **extra: str) -> dict[str, str]:  # noqa: F811
+def ecb_env(upstream, **extra: str) -> dict[str, str]:
     upstream.serve("ecb-hist", payload(ECB_90D))
     return {"XRATES_SOURCES": "ecb", "XRATES_AUTO_MIGRATE": "0", "XRATES_FETCH_TIMEOUT": "2",
             "XRATES_FETCH_ATTEMPTS": "1", **upstream.env(),
@@ -82,7 +82,7 @@ async def test_day_is_the_utc_date_of_as_of(sql: asyncpg.Connection) -> None:
 
 
 # --------------------------------------------------------------------------- updater
-async def test_every_day_of_a_payload_is_history(make_updater, upstream, sql) -> None:  # noqa: F811
+async def test_every_day_of_a_payload_is_history(make_updater, upstream, sql) -> None:
     upstream.serve("ecb", payload(ECB_90D))  # the daily URL answering with 61 days
     run = await make_updater(ecb_env(upstream)).run_once()
     assert run["status"] == "succeeded", run
@@ -100,7 +100,7 @@ async def test_every_day_of_a_payload_is_history(make_updater, upstream, sql) ->
     assert {(r["quote"], r["day"]): r["updated_at"] for r in await history(sql)} == stamps
 
 
-async def test_outranked_and_older_days_are_history_too(make_updater, upstream, sql) -> None:  # noqa: F811
+async def test_outranked_and_older_days_are_history_too(make_updater, upstream, sql) -> None:
     await sql.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
                       "VALUES ('EUR', 'USD', 2, 'manual', now())")
     upstream.serve("ecb", payload(ECB_90D))
@@ -123,7 +123,7 @@ async def test_a_day_keeps_the_newest_value(sql: asyncpg.Connection) -> None:
     assert (await history(sql))[0]["updated_at"] == stamp
 
 
-async def test_a_rejected_run_writes_no_history(make_updater, upstream, sql) -> None:  # noqa: F811
+async def test_a_rejected_run_writes_no_history(make_updater, upstream, sql) -> None:
     await sql.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
                       "VALUES ('EUR', 'USD', 5, 'ecb', '2020-01-01')")
     upstream.serve("ecb", payload(ECB_90D))
@@ -172,7 +172,7 @@ async def run_backfill(db_url: str, env: dict[str, str], *args: str) -> tuple[in
     return proc.returncode, out.decode(errors="replace")
 
 
-async def test_backfill_cli_on_the_ecb_90_day_file(db_url, upstream, sql) -> None:  # noqa: F811
+async def test_backfill_cli_on_the_ecb_90_day_file(db_url, upstream, sql) -> None:
     env = ecb_env(upstream)
     upstream.fail("ecb", 500)  # the daily URL is not what a backfill reads
     code, out = await run_backfill(db_url, env, "--backfill", str(whole_file_days()),
@@ -194,7 +194,7 @@ async def test_backfill_cli_on_the_ecb_90_day_file(db_url, upstream, sql) -> Non
 
 
 async def test_backfill_never_moves_the_current_table_back_nor_jump_guards(
-        db_url, upstream, sql) -> None:  # noqa: F811
+        db_url, upstream, sql) -> None:
     newer = datetime(2025, 1, 2, tzinfo=UTC)
     await sql.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
                       "VALUES ('EUR', 'USD', 5, 'ecb', $1), ('EUR', 'JPY', 999, 'ecb', "
@@ -207,7 +207,7 @@ async def test_backfill_never_moves_the_current_table_back_nor_jump_guards(
     assert current["JPY"]["rate"] == Decimal("163.04")  # a jump, but backfills are not guarded
 
 
-async def test_backfill_window_and_errors(db_url, upstream, sql) -> None:  # noqa: F811
+async def test_backfill_window_and_errors(db_url, upstream, sql) -> None:
     days = (datetime.now(UTC).date() - date(2024, 2, 1)).days + 1
     code, out = await run_backfill(db_url, ecb_env(upstream), "--backfill", str(days))
     assert code == 0, out

@@ -4,31 +4,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
-import pytest
 from conftest import wait_for
-from test_updater import DEFAULT_PAYLOADS, Upstream, payload
 
-import util
+# the local upstream and in-process updaters of the updater tests (fixtures, shared)
+from test_updater import DEFAULT_PAYLOADS, Upstream, make_updater, payload, upstream  # noqa: F401
+
 from sources import FEEDS, FOREIGN_PER_PIVOT, PIVOT_PER_FOREIGN
-from updater import Updater
 
 SECRET_USER, SECRET = "mirror-user", "hunter2-s3cret"
 KEYS = {"name", "title", "country", "url", "pivot", "base_direction", "cadence", "currencies",
         "last_success", "last_error", "next_run"}
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def secret_env(upstream: Upstream, sources: str) -> dict[str, str]:
@@ -38,22 +27,6 @@ def secret_env(upstream: Upstream, sources: str) -> dict[str, str]:
             for name in DEFAULT_PAYLOADS}
     return {"XRATES_SOURCES": sources, "XRATES_FETCH_TIMEOUT": "0.3",
             "XRATES_FETCH_ATTEMPTS": "1", "XRATES_AUTO_MIGRATE": "0", **urls}
-
-
-@pytest.fixture
-async def make_updater(db_url: str) -> AsyncIterator[Callable[[dict[str, str]], Updater]]:
-    made: list[Updater] = []
-
-    def make(env: dict[str, str]) -> Updater:
-        made.append(Updater(util.load_settings({"DATABASE_URL": db_url, **env}), db_url))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for updater in made:
-            updater.stop("test teardown")
-            await updater.close()
 
 
 async def listed(client: httpx.AsyncClient) -> dict[str, dict]:
