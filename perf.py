@@ -518,7 +518,9 @@ class Api(processes.ApiServer):
 
     def __init__(self, name: str, db_url: str, workdir: Path, pinning: Pinning,
                  env: dict[str, str] | None = None) -> None:
-        super().__init__(db_url, workdir, env, name=name, prefix=pinning.api_prefix())
+        # Default settings, access log included: what a user gets is what we measure.
+        super().__init__(db_url, workdir, env, name=name, prefix=pinning.api_prefix(),
+                         quiet=False)
         self.name = name
 
     def conn(self) -> HttpConn:
