@@ -33,12 +33,11 @@ from sanic import Blueprint, Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 from sanic.worker.loader import AppLoader
-from sanic_ext import Extend, openapi
+from sanic_ext import Extend
 from sanic_ext.extensions.http.extension import HTTPExtension
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
-from sanic_ext.extensions.openapi.types import Schema as OpenAPISchema
-from sanic_ext.extensions.openapi.types import String  # a parameter schema sanic-ext keeps as is
 
+import api_doc
 import convert as convert_paths  # "convert" is the route's name below
 import frankfurter
 import internals
@@ -47,14 +46,13 @@ import model
 import sources as source_registry  # GET /v1/sources, the Frankfurter source: public metadata
 import stream
 import util
+from api_doc import FK_TYPE, HTML_TYPE, JSON_TYPE, RUN_STATUSES, doc
 from sources import MAX_DIGITS, MAX_RATE, MIN_RATE, significant_digits  # the contract §3 rate rules
 
 log = logging.getLogger("xrates.api")
 
 
 MAX_BODY_BYTES = 64 * 1024
-JSON_TYPE = "application/json"
-RUN_STATUSES = ("queued", "running", "succeeded", "failed")
 
 _CODE = re.compile(r"[A-Za-z]{3}\Z")
 _DECIMAL_TEXT = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)\Z")
@@ -63,11 +61,14 @@ _SOURCE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
 
 # ----------------------------------------------------------------------------- errors
 class ApiError(model.XratesError):
-    """A client error with its HTTP status; rendered as {"error": message}."""
+    """An error with its HTTP status (and headers); rendered as {"error": message} by the
+    xrates error map (on_xrates_error), the one place that builds error responses."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None
+                 ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
 
 
 def invalid(field: str, what: str) -> ApiError:
@@ -283,7 +284,7 @@ async def on_xrates_error(request: Request, exc: model.XratesError) -> HTTPRespo
     if exc.status >= 500:
         log.warning("event=request_failed status=%d method=%s path=%s request_id=%s error=%r",
                     exc.status, request.method, request.path, request.id, str(exc))
-    return error_response(exc.status, str(exc))
+    return error_response(exc.status, str(exc), getattr(exc, "headers", None))
 
 
 async def on_sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
@@ -355,142 +356,9 @@ def etag_matches(header: str, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
 
 
-# ----------------------------------------------------------------------------- schemas (OpenAPI)
-RATE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "base": {"type": "string", "example": "USD"},
-        "quote": {"type": "string", "example": "EUR"},
-        "rate": {"type": "number", "example": 0.9213},
-        "source": {"type": "string", "example": "ecb"},
-        "as_of": {"type": "string", "format": "date-time"},
-        "updated_at": {"type": "string", "format": "date-time"},
-        "version": {"type": "integer"},
-    },
-}
-DECIMAL_IN = {"oneOf": [{"type": "number"}, {"type": "string", "pattern": r"^[0-9]*\.?[0-9]*$"}]}
-RATE_WRITE_FIELDS = {
-    "rate": DECIMAL_IN,
-    "source": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$", "default": "manual"},
-    "as_of": {"type": "string", "format": "date-time"},
-}
-RATE_CREATE_SCHEMA = {
-    "type": "object", "additionalProperties": False, "required": ["base", "quote", "rate"],
-    "properties": {"base": {"type": "string"}, "quote": {"type": "string"}, **RATE_WRITE_FIELDS},
-}
-RATE_PUT_SCHEMA = {
-    "type": "object", "additionalProperties": False, "required": ["rate"],
-    "properties": RATE_WRITE_FIELDS,
-}
-ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}}
-RUN_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "integer"},
-        "status": {"type": "string", "enum": list(RUN_STATUSES)},
-        "trigger": {"type": "string", "enum": ["schedule", "manual"]},
-        "progress": {"type": "object", "properties": {"done": {"type": "integer"},
-                                                      "total": {"type": "integer"}}},
-        "sources": {"type": "object"},
-        "created_at": {"type": "string", "format": "date-time"},
-        "started_at": {"type": "string", "format": "date-time", "nullable": True},
-        "finished_at": {"type": "string", "format": "date-time", "nullable": True},
-        "error": {"type": "string", "nullable": True},
-    },
-}
-
-
-def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
-    return {JSON_TYPE: {"schema": schema}}
-
-
-def _responses(*pairs: tuple[int, str, dict[str, Any] | None]) -> list[openapi.definitions.Response]:
-    return [
-        openapi.definitions.Response(status=status, description=description)
-        if status in (204, 304) else  # no body, so no content type
-        openapi.definitions.Response(_json_content(schema or ERROR_SCHEMA), status=status,
-                                     description=description)
-        for status, description, schema in pairs
-    ]
-
-
-_ERRORS_READ = ((422, "invalid code or parameter", None), (503, "database unavailable", None))
-_ERRORS_WRITE = (
-    (400, "malformed JSON", None), (401, "missing or wrong token", None),
-    (403, "not loopback and no token configured", None), (413, "body over 64 KiB", None),
-    (415, "not application/json", None), (422, "invalid field", None),
-    (503, "database unavailable", None),
-)
-
-
-class _RawSchema(OpenAPISchema):
-    """A JSON schema written out as given. sanic-ext reads a plain dict as a *type* (an
-    object whose properties default to the dict's values), which documented
-    {"type": "string", "pattern": ...} as an object with properties "type" and "pattern"."""
-
-    def __init__(self, schema: dict[str, Any]) -> None:
-        super().__init__()
-        self.raw = schema
-
-    def serialize(self) -> dict[str, Any]:
-        return self.raw
-
-
-def _parameter(name: str, schema: Any, **where: Any) -> Any:
-    """An OpenAPI parameter; ``schema`` a type or a JSON-schema dict (written out as is)."""
-    if isinstance(schema, dict):
-        schema = _RawSchema(schema)
-    return openapi.definitions.Parameter(name, schema, **where)
-
-
-CODE_PARAM = {"type": "string", "pattern": "^[A-Za-z]{3}$"}
-
-
-def _path_params(*names: str) -> list[Any]:
-    """Currency-code path parameters (three letters, either case)."""
-    return [_parameter(name, CODE_PARAM, location="path", required=True) for name in names]
-
-
-def _query_params(*names: str) -> list[Any]:
-    """Optional currency-code query parameters."""
-    return [_parameter(name, CODE_PARAM, location="query") for name in names]
-
-
-_MIN_VERSION_PARAMS = [
-    openapi.definitions.Parameter("min_version", int, location="query"),
-    openapi.definitions.Parameter("X-Xrates-Min-Version", int, location="header"),
-]
-
-
 # ----------------------------------------------------------------------------- routes: rates
 @bp.get("/v1/rates/<base:str>/<quote:str>", name="rate_get")
-@openapi.definition(
-    summary="One rate (served from the instance's cache), or with ?date= a day of history",
-    description=("With `date=YYYY-MM-DD` (and optionally `source`): the newest day within "
-                 "[date - 14 days, date] on which some source (or `source`) quotes the pair "
-                 "directly or inversely, answered as {base, quote, rate, source, date, via}; "
-                 "only if none does, a path of at most two intermediate currencies whose legs "
-                 "all fall on one day (the newest such day in the window), ranked as "
-                 "/v1/convert ranks paths, `via` naming the intermediates and `source` the "
-                 "source of the path's lowest-priority leg; a date before today is "
-                 "`public, max-age=86400`, else `no-cache`. `source` "
-                 "without `date` is 422. With `X-Xrates-Min-Version: V` (or `?min_version=V`, V "
-                 "from a write's `X-Xrates-Version`) the answer is at least as new as that "
-                 "write, on any instance."),
-    parameter=[*_path_params("base", "quote"), *_MIN_VERSION_PARAMS,
-               _parameter("date", String(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}$"),
-                                             location="query"),
-               _parameter("source", String(pattern="^[a-z][a-z0-9_-]{0,31}$"),
-                                             location="query")],
-    response=_responses((200, "the rate", {"oneOf": [RATE_SCHEMA, {
-                            "type": "object", "properties": {
-                                "base": {"type": "string"}, "quote": {"type": "string"},
-                                "rate": {"type": "number"}, "source": {"type": "string"},
-                                "date": {"type": "string", "format": "date"},
-                                "via": {"type": "array", "items": {"type": "string"}}}}]}),
-                        (304, "not modified (If-None-Match)", {}),
-                        (404, "no such rate", None), *_ERRORS_READ),
-)
+@doc("rate_get")
 async def rate_get(request: Request, base: str, quote: str) -> HTTPResponse:
     if request.query_string and wants_history(request):  # ?date=: a day of history (§8)
         return await rate_on_day(request, base, quote)
@@ -514,7 +382,7 @@ def answer_rate(request: Request, base: str, quote: str, rate: model.Rate | None
                 how: str) -> HTTPResponse:
     """A single-pair read's answer: 404, 304 on a matching If-None-Match, or the rate."""
     if rate is None:
-        return error_response(404, f"no rate for {base}/{quote}", {"X-Cache": how})
+        raise ApiError(404, f"no rate for {base}/{quote}", {"X-Cache": how})
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None and etag_matches(if_none_match, rate.etag):
         return HTTPResponse(status=304, headers=rate_headers(rate, how))
@@ -522,13 +390,7 @@ def answer_rate(request: Request, base: str, quote: str, rate: model.Rate | None
 
 
 @bp.get("/v1/rates", name="rates_list")
-@openapi.definition(
-    summary="All rates, optionally filtered (read from the database)",
-    parameter=_query_params("base", "quote"),
-    response=_responses((200, "rates ordered by base, quote", {
-        "type": "object", "properties": {"rates": {"type": "array", "items": RATE_SCHEMA},
-                                         "count": {"type": "integer"}}}), *_ERRORS_READ),
-)
+@doc("rates_list")
 async def rates_list(request: Request) -> HTTPResponse:
     base, quote = query_arg(request, "base"), query_arg(request, "quote")
     base = parse_code(base, "base") if base is not None else None
@@ -539,12 +401,7 @@ async def rates_list(request: Request) -> HTTPResponse:
 
 
 @bp.post("/v1/rates", name="rate_create")
-@openapi.definition(
-    summary="Create a rate (409 if the pair exists)",
-    body=_json_content(RATE_CREATE_SCHEMA),
-    response=_responses((201, "created", RATE_SCHEMA), (409, "the pair exists", None),
-                        *_ERRORS_WRITE),
-)
+@doc("rate_create")
 async def rate_create(request: Request) -> HTTPResponse:
     authorise_write(request)
     data = read_json_object(request)
@@ -559,13 +416,7 @@ async def rate_create(request: Request) -> HTTPResponse:
 
 
 @bp.put("/v1/rates/<base:str>/<quote:str>", name="rate_put")
-@openapi.definition(
-    summary="Create or replace a rate",
-    parameter=_path_params("base", "quote"),
-    body=_json_content(RATE_PUT_SCHEMA),
-    response=_responses((200, "updated", RATE_SCHEMA), (201, "created", RATE_SCHEMA),
-                        *_ERRORS_WRITE),
-)
+@doc("rate_put")
 async def rate_put(request: Request, base: str, quote: str) -> HTTPResponse:
     authorise_write(request)
     base, quote = parse_pair(base, quote)
@@ -584,11 +435,7 @@ async def rate_put(request: Request, base: str, quote: str) -> HTTPResponse:
 
 
 @bp.delete("/v1/rates/<base:str>/<quote:str>", name="rate_delete")
-@openapi.definition(
-    summary="Delete a rate",
-    parameter=_path_params("base", "quote"),
-    response=_responses((204, "deleted", {}), (404, "no such rate", None), *_ERRORS_WRITE),
-)
+@doc("rate_delete")
 async def rate_delete(request: Request, base: str, quote: str) -> HTTPResponse:
     authorise_write(request)
     base, quote = parse_pair(base, quote)
@@ -602,44 +449,8 @@ def plain(number: Decimal | Fraction) -> str:
     return convert_paths.plain(number)
 
 
-_CONVERT_FIELDS: dict[str, Any] = {
-    "from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "number"},
-    "rate": {"type": "number"}, "result": {"type": "number"},
-    "via": {"type": "array", "maxItems": convert_paths.MAX_INTERMEDIATES,
-            "items": {"type": "string"}}}
-CONVERT_SCHEMA = {"type": "object", "properties": _CONVERT_FIELDS}
-
-
-CONVERT_ON_DAY_SCHEMA = {
-    "type": "object", "properties": {
-        **_CONVERT_FIELDS, "date": {"type": "string", "format": "date"}}}
-
-
 @bp.get("/v1/convert", name="convert")
-@openapi.definition(
-    summary="Convert an amount: direct, inverse, or through up to two intermediate currencies",
-    description="Paths rank by fewer hops, then the priority of their lowest-priority leg "
-                "(manual, then XRATES_SOURCES order), then fewer inverted legs (a direct leg "
-                "first), then intermediates EUR, USD, then A-Z; `via` lists them in order. "
-                "Exact arithmetic, rounded once to 15 significant digits (half-even). "
-                "With `date=YYYY-MM-DD` (and optionally `source`, which needs `date`) the "
-                "conversion reads history by the `?date=` rule of `/v1/rates/{base}/{quote}`: "
-                "the newest day of [date - 14 days, date] on which some source (or `source`) "
-                "quotes the pair directly or inversely, its highest-priority such source; only "
-                "if none does, the best path (ranked as above) whose legs all fall on one day, "
-                "the newest such day of the window. The answer adds `date`, the day used; a "
-                "date before today is `Cache-Control: public, max-age=86400`, else `no-cache`, "
-                "both with an ETag. A date that is not YYYY-MM-DD or does not exist is 422.",
-    parameter=[*_query_params("from", "to", "amount"),
-               _parameter("date", String(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}$"),
-                          location="query"),
-               _parameter("source", String(pattern="^[a-z][a-z0-9_-]{0,31}$"),
-                          location="query")],
-    response=_responses((200, "the conversion (with `date` when ?date= was given)",
-                         {"oneOf": [CONVERT_SCHEMA, CONVERT_ON_DAY_SCHEMA]}),
-                        (304, "not modified (If-None-Match, with ?date=)", {}),
-                        (404, "no path between the currencies", None), *_ERRORS_READ),
-)
+@doc("convert")
 async def convert(request: Request) -> HTTPResponse:
     src, dst = query_arg(request, "from"), query_arg(request, "to")
     if src is None:
@@ -706,29 +517,6 @@ DEMO_METADATA = {  # the offline source has no Source entry in sources.FEEDS
     "country": None, "url": None, "pivot": "EUR", "base_direction": source_registry.FOREIGN_PER_PIVOT,
     "cadence": "a new value every XRATES_INTERVAL seconds (offline)",
 }
-_NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
-SOURCE_SCHEMA = {
-    "type": "object",
-    "required": ["name", "title", "country", "url", "pivot", "base_direction", "cadence",
-                 "currencies", "last_success", "last_error", "next_run"],
-    "properties": {
-        "name": {"type": "string", "example": "ecb"},
-        "title": {"type": "string"},
-        "country": {"type": "string", "nullable": True, "example": "EU"},
-        "url": {"type": "string", "nullable": True,
-                "description": "the public URL (never an XRATES_<SOURCE>_URL override)"},
-        "pivot": {"type": "string", "example": "EUR"},
-        "base_direction": {"type": "string", "enum": [source_registry.FOREIGN_PER_PIVOT,
-                                                      source_registry.PIVOT_PER_FOREIGN]},
-        "cadence": {"type": "string"},
-        "currencies": {"type": "array", "items": {"type": "string"},
-                       "description": "sorted codes of its newest successful run"},
-        "last_success": _NULLABLE_TIME,
-        "last_error": {"type": "object", "nullable": True, "properties": {
-            "message": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}},
-        "next_run": _NULLABLE_TIME,
-    },
-}
 
 
 def source_metadata(name: str) -> dict[str, Any]:
@@ -741,16 +529,7 @@ def source_metadata(name: str) -> dict[str, Any]:
 
 
 @bp.get("/v1/sources", name="sources_list")
-@openapi.definition(
-    summary="The configured sources (XRATES_SOURCES order): metadata and latest outcomes",
-    description="`currencies` and `last_success` come from the newest finished update run in "
-                "which the source had no error, `last_error` from the newest one in which it "
-                "failed; `next_run` is when the leading updater's next scheduled run is due "
-                "(null while no updater leads).",
-    response=_responses((200, "the sources", {
-        "type": "object", "properties": {"sources": {"type": "array", "items": SOURCE_SCHEMA}}}),
-        (503, "database unavailable", None)),
-)
+@doc("sources_list")
 async def sources_list(request: Request) -> HTTPResponse:
     names = settings_of(request).sources
     status = await store_of(request).source_status(names)
@@ -761,15 +540,7 @@ async def sources_list(request: Request) -> HTTPResponse:
 
 # ----------------------------------------------------------------------------- routes: updates
 @bp.post("/v1/updates", name="updates_create")
-@openapi.definition(
-    summary="Ask the updater to run now (all configured sources, or the ones named)",
-    body=_json_content({"type": "object", "additionalProperties": False, "properties": {
-        "sources": {"type": "array", "minItems": 1, "maxItems": 20, "items": {
-            "type": "string", "enum": sorted({*util.KNOWN_SOURCES,
-                                              *(n.upper() for n in util.KNOWN_SOURCES)})}}}}),
-    response=_responses((202, "queued", {"type": "object", "properties": {
-        "id": {"type": "integer"}, "status": {"type": "string"}}}), *_ERRORS_WRITE),
-)
+@doc("updates_create")
 async def updates_create(request: Request) -> HTTPResponse:
     authorise_write(request)
     data = read_json_object(request, optional=True)
@@ -791,15 +562,7 @@ async def updates_create(request: Request) -> HTTPResponse:
 
 
 @bp.get("/v1/updates", name="updates_list")
-@openapi.definition(
-    summary="Update runs, newest first",
-    parameter=[_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 100},
-                          location="query"),
-               _parameter("status", {"type": "string", "enum": list(RUN_STATUSES)},
-                          location="query")],
-    response=_responses((200, "runs", {"type": "object", "properties": {
-        "updates": {"type": "array", "items": RUN_SCHEMA}}}), *_ERRORS_READ),
-)
+@doc("updates_list")
 async def updates_list(request: Request) -> HTTPResponse:
     raw_limit, status = query_arg(request, "limit"), query_arg(request, "status")
     limit = 20
@@ -814,12 +577,7 @@ async def updates_list(request: Request) -> HTTPResponse:
 
 
 @bp.get("/v1/updates/<run_id:str>", name="updates_get")
-@openapi.definition(
-    summary="One update run with its progress",
-    parameter=[_parameter("run_id", {"type": "string", "pattern": "^[0-9]{1,18}$"},
-                          location="path", required=True)],
-    response=_responses((200, "the run", RUN_SCHEMA), (404, "no such run", None), *_ERRORS_READ),
-)
+@doc("updates_get")
 async def updates_get(request: Request, run_id: str) -> HTTPResponse:
     if not run_id.isascii() or not run_id.isdigit() or len(run_id) > 18:
         raise invalid("id", "must be a positive integer")
@@ -831,33 +589,26 @@ HEALTH_BODY = b'{"status":"ok"}'
 
 
 @bp.get("/health", name="health")
-@openapi.definition(summary="Liveness (constant, no I/O)",
-                    response=_responses((200, "alive", {"type": "object"})))
+@doc("health")
 async def health(request: Request) -> HTTPResponse:
     return HTTPResponse(HEALTH_BODY, content_type=JSON_TYPE)
 
 
 @bp.get("/ready", name="ready")
-@openapi.definition(
-    summary="Readiness: the database answers and the listener is connected",
-    response=_responses((200, "ready", {"type": "object"}), (503, "not ready", None)),
-)
+@doc("ready")
 async def ready(request: Request) -> HTTPResponse:
     store = store_of(request)
     if not store.listener_connected:
-        return error_response(503, "listener not connected")
+        raise ApiError(503, "listener not connected")
     try:
         await store.ping()
     except model.Unavailable:
-        return error_response(503, "database unavailable")
+        raise ApiError(503, "database unavailable") from None
     return json_response({"status": "ready"})
 
 
 @bp.get("/metrics", name="metrics")
-@openapi.definition(summary="Prometheus metrics, aggregated over this instance's workers",
-                    response=[openapi.definitions.Response(
-                        {"text/plain": {"schema": {"type": "string"}}}, status=200,
-                        description="Prometheus text format")])
+@doc("metrics")
 async def metrics_route(request: Request) -> HTTPResponse:
     await request.app.ctx.metrics.sample_database()
     request.app.ctx.metrics.sync()
@@ -865,30 +616,29 @@ async def metrics_route(request: Request) -> HTTPResponse:
     return HTTPResponse(body, content_type=content_type)
 
 
-@bp.get("/openapi.json", name="openapi_json")
-@openapi.exclude()
-async def openapi_json(request: Request) -> HTTPResponse:
+def openapi_document(app: Sanic) -> HTTPResponse:
     from sanic_ext.extensions.openapi.builders import SpecificationBuilder
 
-    return json_response(finish_document(SpecificationBuilder().build(request.app).serialize()))
+    return json_response(api_doc.finish(SpecificationBuilder().build(app).serialize()))
 
 
-ALLOW_405 = {"description": "method not allowed", "headers": {
-    "Allow": {"description": "the methods this path answers", "required": True,
-              "schema": {"type": "string"}}}, "content": _json_content(ERROR_SCHEMA)}
+@bp.get("/openapi.json", name="openapi_json")
+@doc("openapi_json")
+async def openapi_json(request: Request) -> HTTPResponse:
+    return openapi_document(request.app)
 
 
-def finish_document(spec: dict[str, Any]) -> dict[str, Any]:
-    """What sanic-ext's definitions cannot say: 204/304 have no content (it writes `*/*`),
-    and every operation may answer 405 with `Allow`."""
-    for operations in spec.get("paths", {}).values():
-        for operation in operations.values():
-            responses = operation.get("responses", {})
-            for status in ("204", "304"):
-                if status in responses:
-                    responses[status].pop("content", None)
-            responses.setdefault("405", ALLOW_405)
-    return spec
+@bp.get("/v1/openapi.json", name="openapi_json_v1")
+@doc("openapi_json_v1")
+async def openapi_json_v1(request: Request) -> HTTPResponse:
+    # Where Frankfurter v1's version document (GET /v1) points: the same document.
+    return openapi_document(request.app)
+
+
+@bp.get("/docs", name="docs")
+@doc("docs")
+async def docs(request: Request) -> HTTPResponse:
+    return HTTPResponse(DOCS_PAGE, content_type=HTML_TYPE, headers={"Cache-Control": "no-cache"})
 
 
 # ----------------------------------------------------------------------------- live: stream
@@ -935,30 +685,14 @@ def parse_stream_selection(request: Request) -> tuple[list[str] | None, str | No
 
 
 @bp.get("/v1/stream", name="stream")
-@openapi.definition(
-    summary="Live changes as Server-Sent Events (endless: keep it out of generic fuzzers)",
-    description=(
-        "An endless `text/event-stream` response: first `event: snapshot` (data: the "
-        "`GET /v1/rates` body for the selection), then `event: rate` (data: a rate object) or "
-        "`event: delete` (data: `{base, quote, version}`) for every change this instance "
-        "applies, with `id:` = the version, and a `: ping` comment at least every 15 s. "
-        "`event: resync` (data `{reason}`: `slow`, `listener`, `flush`) ends the stream: "
-        "reconnect for a new snapshot (a `Last-Event-ID` reconnect gets one too). "
-        "Generic fuzzers and crawlers must skip this route: it never ends by itself."),
-    parameter=_query_params("pairs", "base"),
-    response=[openapi.definitions.Response(
-        {"text/event-stream": {"schema": {"type": "string"}}}, status=200,
-        description="the event stream"),
-        *_responses((422, "invalid selection", None),
-                    (503, "listener down, too many streams, or database unavailable", None))],
-)
+@doc("stream")
 async def stream_route(request: Request) -> HTTPResponse | None:
     keys, base = parse_stream_selection(request)
     store, hub = store_of(request), request.app.ctx.hub
     try:
         sub = hub.subscribe(keys, base, request.transport)
     except stream.StreamUnavailable as exc:
-        return error_response(503, str(exc), {"Retry-After": "1"})
+        raise ApiError(503, str(exc), {"Retry-After": "1"}) from None
     try:
         # Subscribed first, then the snapshot: no change falls between the two, and the
         # deltas it already contains are dropped by version (Subscriber.set_snapshot).
@@ -989,24 +723,26 @@ async def stream_route(request: Request) -> HTTPResponse | None:
 
 # ----------------------------------------------------------------------------- live: dashboard
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-with open(os.path.join(STATIC_DIR, "dashboard.html"), "rb") as _page:
-    DASHBOARD_PAGE = _page.read()  # read once: served from memory
+
+
+def _static_page(name: str) -> bytes:
+    with open(os.path.join(STATIC_DIR, name), "rb") as page:
+        return page.read()
+
+
+DASHBOARD_PAGE = _static_page("dashboard.html")  # read once: served from memory
+DOCS_PAGE = _static_page("docs.html")  # Swagger UI reading /openapi.json
 
 
 @bp.get("/", name="dashboard")
-@openapi.definition(summary="The dashboard page (HTML): live rates, a chart, update runs, "
-                            "this instance's state",
-                    response=[openapi.definitions.Response(
-                        {"text/html": {"schema": {"type": "string"}}}, status=200,
-                        description="the page")])
+@doc("dashboard")
 async def dashboard(request: Request) -> HTTPResponse:
-    return HTTPResponse(DASHBOARD_PAGE, content_type="text/html; charset=utf-8",
+    return HTTPResponse(DASHBOARD_PAGE, content_type=HTML_TYPE,
                         headers={"Cache-Control": "no-cache"})
 
 
 @bp.get("/v1/instance", name="instance")
-@openapi.definition(summary="This worker's cache, listener and stream state (for the dashboard)",
-                    response=_responses((200, "the state", {"type": "object"})))
+@doc("instance")
 async def instance(request: Request) -> HTTPResponse:
     store = store_of(request)
     listener, hub = store.listener, request.app.ctx.hub
@@ -1217,49 +953,8 @@ async def rate_on_day(request: Request, base: str, quote: str) -> HTTPResponse:
     return content_response(request, body, fixed=day < utc_today())
 
 
-HISTORY_RATE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "base": {"type": "string"}, "quote": {"type": "string"}, "rate": {"type": "number"},
-        "source": {"type": "string"}, "date": {"type": "string", "format": "date"},
-        "via": {"type": "array", "items": {"type": "string"}},
-    },
-}
-_DAY_PARAM = String(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
-_SOURCE_PARAM = String(pattern="^[a-z][a-z0-9_-]{0,31}$")
-
-
 @bp.get("/v1/rates/<base:str>/<quote:str>/history", name="rate_history")
-@openapi.definition(
-    summary="A pair's daily history (oldest first)",
-    description=(
-        "For each day in [start, end] with a value: the highest-priority source quoting the "
-        "pair directly or inversely that day (or only `source`); a day without one, the best "
-        "path through at most two intermediate currencies over that day's rows alone (ranked "
-        "as /v1/convert ranks paths; `via` names them, `source` is the source of the path's "
-        "lowest-priority leg). `end` defaults to today "
-        "(UTC). `start` after `end`, or `end - start` over 3652 days, is 422; a day that does "
-        "not exist (2024-02-30) is 422. `start_date`/`end_date` are the first and last days "
-        "returned. A range ending before today is `Cache-Control: public, max-age=86400` "
-        "(a later correction reaches shared caches within a day); one covering today is "
-        "`no-cache`. Both carry an ETag that changes with the content."),
-    parameter=[*_path_params("base", "quote"),
-               _parameter("start", _DAY_PARAM, location="query",
-                                             required=True),
-               _parameter("end", _DAY_PARAM, location="query"),
-               _parameter("source", _SOURCE_PARAM, location="query")],
-    response=_responses((200, "the history", {
-        "type": "object", "properties": {
-            "base": {"type": "string"}, "quote": {"type": "string"},
-            "start_date": {"type": "string", "format": "date"},
-            "end_date": {"type": "string", "format": "date"},
-            "rates": {"type": "array", "items": {"type": "object", "properties": {
-                "date": {"type": "string", "format": "date"}, "rate": {"type": "number"},
-                "source": {"type": "string"},
-                "via": {"type": "array", "items": {"type": "string"}}}}}}}),
-        (304, "not modified (If-None-Match)", {}),
-        (404, "no day with data in the range", None), *_ERRORS_READ),
-)
+@doc("rate_history")
 async def rate_history(request: Request, base: str, quote: str) -> HTTPResponse:
     base, quote = parse_pair(base, quote)
     raw_start, raw_end = query_arg(request, "start"), query_arg(request, "end")
@@ -1320,28 +1015,12 @@ class FrankfurterSource:
         return cls(name, feed.pivot, feed.base_direction == source_registry.PIVOT_PER_FOREIGN)
 
 
+# v1's routes match only digits in these places; anything else is no route (404).
+FK_WHEN_ROUTE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:\.\.(?:[0-9]{4}-[0-9]{2}-[0-9]{2})?)?"
+
+
 def fk_source(request: Request) -> FrankfurterSource:
     return request.app.ctx.frankfurter
-
-
-FK_TYPE = "application/json; charset=utf-8"
-_FK_DAY = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-_FK_WHEN = rf"{_FK_DAY}(?:\.\.(?:{_FK_DAY})?)?"
-FK_PARAMS = [_parameter(name, str, location="query")
-             for name in ("from", "base", "to", "symbols", "amount")]
-FK_MESSAGE_SCHEMA = {"type": "object", "properties": {"message": {"type": "string"}}}
-
-
-def _fk_responses(body: dict[str, Any], *errors: tuple[int, str]) -> list[Any]:
-    """v1 bodies and {"message"} errors are `application/json; charset=utf-8`; a 503 is
-    xrates' own {"error"}."""
-    described = [openapi.definitions.Response({FK_TYPE: {"schema": body}}, status=200,
-                                              description="v1 body"),
-                 *_responses((304, "not modified (If-None-Match)", {}))]
-    described += [openapi.definitions.Response({FK_TYPE: {"schema": FK_MESSAGE_SCHEMA}},
-                                               status=status, description=what)
-                  for status, what in errors]
-    return [*described, *_responses((503, "database unavailable", None))]
 
 
 async def on_frankfurter_error(request: Request, exc: frankfurter.FrankfurterError
@@ -1365,19 +1044,7 @@ def fk_response(request: Request, body: Mapping[str, object], fixed: bool) -> HT
     return content_response(request, frankfurter.encode(body), fixed, FK_TYPE)
 
 
-FK_RATES_BODY = {"type": "object", "properties": {
-    "amount": {"type": "number"}, "base": {"type": "string"},
-    "date": {"type": "string", "format": "date"},
-    "rates": {"type": "object", "additionalProperties": {"type": "number"}}}}
-FK_SERIES_BODY = {"type": "object", "properties": {
-    "amount": {"type": "number"}, "base": {"type": "string"},
-    "start_date": {"type": "string", "format": "date"},
-    "end_date": {"type": "string", "format": "date"},
-    "rates": {"type": "object", "additionalProperties": {
-        "type": "object", "additionalProperties": {"type": "number"}}}}}
-
-
-def fk_routes(routes: tuple[tuple[str, str], ...], **definition: Any
+def fk_routes(routes: tuple[tuple[str, str], ...], documented_as: str
               ) -> Callable[[Callable[..., Awaitable[HTTPResponse]]], Any]:
     """Register one handler under several (path, name) routes, each its own OpenAPI
     operation (stacked route decorators would share one operationId)."""
@@ -1387,7 +1054,7 @@ def fk_routes(routes: tuple[tuple[str, str], ...], **definition: Any
                 return await impl(request, **params)
 
             handler.__name__ = handler.__qualname__ = name
-            bp.add_route(openapi.definition(**definition)(handler), path, methods=["GET"],
+            bp.add_route(doc(documented_as)(handler), path, methods=["GET"],
                          name=name)
         return impl
     return register
@@ -1396,13 +1063,7 @@ def fk_routes(routes: tuple[tuple[str, str], ...], **definition: Any
 @fk_routes(
     (("/v1/latest", "fk_latest_v1"), ("/v1/current", "fk_current_v1"),
      ("/latest", "fk_latest"), ("/current", "fk_current")),
-    summary="Frankfurter v1: the newest day of the Frankfurter source, however old",
-    description=("Frankfurter v1 compatible. Parameters are as lenient as v1's (`from` beats "
-                 "`base`, `to` beats `symbols`, `amount` read like Ruby's to_f and > 0). "
-                 "`no-cache` with an ETag that changes with the content."),
-    parameter=FK_PARAMS,
-    response=_fk_responses(FK_RATES_BODY, (404, "not found"),
-                           (422, "invalid amount / bad currency pair")),
+    "fk_latest",
 )
 async def fk_latest(request: Request) -> HTTPResponse:
     query = frankfurter.parse_query(fk_args(request))
@@ -1415,19 +1076,8 @@ async def fk_latest(request: Request) -> HTTPResponse:
 
 
 @fk_routes(
-    ((f"/v1/<when:{_FK_WHEN}>", "fk_when_v1"), (f"/<when:{_FK_WHEN}>", "fk_when")),
-    summary="Frankfurter v1: one day (YYYY-MM-DD) or a time series (START..END, START..)",
-    description=(
-        "A day: each currency's newest value within 14 days before it. A series: only days "
-        "with data, the start snapped back to the newest day with data on or before it, the "
-        "end today when omitted; a start after today is 404. A response about days before "
-        "today is `public, max-age=86400`, one covering today `no-cache` (a later correction "
-        "reaches shared caches within a day); both with an ETag. 422 invalid date."),
-    parameter=[_parameter(
-        "when", {"type": "string", "pattern": f"^{_FK_WHEN}$"}, location="path",
-        required=True), *FK_PARAMS],
-    response=_fk_responses({"oneOf": [FK_RATES_BODY, FK_SERIES_BODY]}, (404, "not found"),
-                           (422, "invalid amount / invalid date / bad currency pair")),
+    ((f"/v1/<when:{FK_WHEN_ROUTE}>", "fk_when_v1"), (f"/<when:{FK_WHEN_ROUTE}>", "fk_when")),
+    "fk_when",
 )
 async def fk_when(request: Request, when: str) -> HTTPResponse:
     query = frankfurter.parse_query(fk_args(request), when)  # validates `when` in v1's order
@@ -1449,10 +1099,7 @@ async def fk_when(request: Request, when: str) -> HTTPResponse:
 
 @fk_routes(
     (("/v1/currencies", "fk_currencies_v1"), ("/currencies", "fk_currencies")),
-    summary="Frankfurter v1: the currencies of the Frankfurter source, with ISO 4217 names",
-    description="The codes quoted within 14 days of the source's newest day, plus its pivot; "
-                "`{}` when it has no data.",
-    response=_fk_responses({"type": "object", "additionalProperties": {"type": "string"}}),
+    "fk_currencies",
 )
 async def fk_currencies(request: Request) -> HTTPResponse:
     store, fk = store_of(request), fk_source(request)
@@ -1465,20 +1112,27 @@ async def fk_currencies(request: Request) -> HTTPResponse:
 
 
 FK_VERSION_BODY = frankfurter.encode({"version": "v1", "status": "frozen",
-                                      "openapi": "/openapi.json", "docs": "/docs"})
+                                      "openapi": "/v1/openapi.json", "docs": "/docs"})
 
 
 @bp.get("/v1", name="fk_version")
-@openapi.definition(summary="Frankfurter v1: the version document",
-                    response=[openapi.definitions.Response(
-                        {FK_TYPE: {"schema": {"type": "object"}}}, status=200,
-                        description="version")])
+@doc("fk_version")
 async def fk_version(request: Request) -> HTTPResponse:
     return HTTPResponse(FK_VERSION_BODY, content_type=FK_TYPE,
                         headers={"Cache-Control": "public, max-age=86400"})
 
 
 # ----------------------------------------------------------------------------- the factory
+class DocumentOnly(OpenAPIExtension):
+    """sanic-ext's OpenAPI builder without its UI pages (/openapi.json and /docs are ours):
+    its start-up banner would otherwise link a UI page that is not there."""
+
+    name = "openapidocument"  # extension names are unique and alphabetic
+
+    def label(self) -> str:
+        return ""
+
+
 def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
     """The application for these settings: routes, middleware, error maps and lifecycle.
     Nothing reads the environment after load_settings: each worker process calls this with
@@ -1490,8 +1144,12 @@ def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
     app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.CORS = False  # ours, for reads only: READ_CORS, preflight() and common_headers()
-    app.config.OAS_URL_PREFIX = "/docs"
-    app.config.OAS_UI_DEFAULT = "swagger"
+    # sanic-ext builds the document; /openapi.json (finished by api_doc) and /docs are ours,
+    # so its own UI pages are off (its unfinished copy stays at /_sanic_ext/openapi.json).
+    app.config.OAS_URL_PREFIX = "/_sanic_ext"
+    app.config.OAS_UI_DEFAULT = None
+    app.config.OAS_UI_SWAGGER = False
+    app.config.OAS_UI_REDOC = False
     app.config.OAS_IGNORE_OPTIONS = True
     app.config.OAS_IGNORE_HEAD = True
     app.config.MOTD = False
@@ -1499,7 +1157,7 @@ def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
     # OpenAPI (/docs) and the HTTP helpers only. Not sanic-ext's dependency injection, which we
     # do not use and which dispatches a signal on every request (measured here: about 10 us of
     # the 45 us that a constant route cost with it).
-    Extend(app, built_in_extensions=False, extensions=[OpenAPIExtension, HTTPExtension])
+    Extend(app, built_in_extensions=False, extensions=[DocumentOnly, HTTPExtension])
     app.ext.openapi.describe(
         "xrates",
         version="0.1.0",
