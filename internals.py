@@ -7,6 +7,11 @@
 - prometheus_client: ``add_histogram_counts`` adds request latencies to a histogram in bulk
   through its children's ``_buckets``/``_sum``/``_upper_bounds`` (there is no public bulk API,
   and a labelled ``observe`` per request costs a lock and a label lookup on the hit path).
+- Sanic: ``chunk_writer`` lets the change-stream hub write an event straight to a streaming
+  response's transport, framed as Sanic frames an HTTP/1.1 chunk (``Http.response_func`` is
+  ``http1_response_chunked``; ``Http.protocol.transport``): one synchronous write per stream
+  per change instead of waking every stream's handler task (measured: the 1,000-stream
+  fan-out, README "Live").
 - pgserver: ``postgres_bin_path`` reads where its PostgreSQL binaries are
   (``pgserver._commands.POSTGRES_BIN_PATH``; the package has no public accessor).
 
@@ -20,12 +25,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Histogram
 from sanic.compat import Header
+from sanic.http.http1 import Http
 from sanic.response import HTTPResponse
 
 
@@ -101,6 +107,56 @@ def _check_sanic() -> None:
                 "Sanic version; pin the tested version (see requirements.txt)")
 
 
+ChunkWriter = Callable[[bytes], bool]
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def chunk_writer(response: Any, buffer_limit: int) -> ChunkWriter | None:
+    """For a started HTTP/1.1 chunked streaming ``response``: a function writing ``data`` as
+    one chunk straight to its transport (True), or refusing when more than ``buffer_limit``
+    bytes wait unsent there (False: the client is that far behind). None when the response
+    is framed otherwise (HTTP/1.0, HEAD): the caller keeps using ``response.send``."""
+    http = getattr(response, "stream", None)
+    if not isinstance(http, Http) or http.response_func != http.http1_response_chunked:
+        return None
+    transport = http.protocol.transport
+    if transport is None:
+        return None
+
+    def write(data: bytes) -> bool:
+        if transport.is_closing():
+            return True  # the client went: its handler is being cancelled
+        if transport.get_write_buffer_size() > buffer_limit:
+            return False
+        transport.write(_chunk(data))
+        return True
+    return write
+
+
+def _check_chunk_framing() -> None:
+    sent: list[bytes] = []
+
+    class _Capture:
+        async def _send(self, data: bytes) -> None:
+            sent.append(data)
+
+    data = b"id: 1\nevent: rate\ndata: {}\n\n"
+    step = Http.http1_response_chunked(_Capture(), data, False)  # type: ignore[arg-type]
+    try:
+        step.send(None)
+    except StopIteration:
+        pass
+    else:  # pragma: no cover - it never suspends on a capture
+        step.close()
+    if sent != [_chunk(data)] or "protocol" not in Http.__slots__:
+        raise InternalsMismatch(
+            "sanic: Http.http1_response_chunked frames chunks otherwise than chunk_writer on "
+            "this Sanic version; pin the tested version (see requirements.txt)")
+
+
 # ----------------------------------------------------------------------------- prometheus_client
 def add_histogram_counts(child: Any, upper_bounds: Sequence[float], counts: Sequence[float]) -> None:
     """Add bucket counts (one per bound, then the sum of the observed values) to a histogram
@@ -161,4 +217,5 @@ def postgres_bin_path() -> Path:
 def check() -> None:
     """Raise InternalsMismatch if Sanic or prometheus_client behave otherwise than assumed."""
     _check_sanic()
+    _check_chunk_framing()
     _check_prometheus()

@@ -708,7 +708,12 @@ async def stream_route(request: Request) -> HTTPResponse | None:
         # but some client libraries hand it out as an empty message).
         await response.send(b"retry: %d\n" % stream.RETRY_MS + stream.frame("snapshot", snapshot))
         hub.events_total += 1
+        writer = internals.chunk_writer(response, hub.direct_buffer_limit)
         while True:
+            # Nothing queued behind what was sent: the hub writes the events from now on
+            # (no await between the last send and this; see Subscriber.go_direct).
+            if writer is not None and sub.go_direct(writer):
+                writer = None
             data, events, final = await sub.next_chunk()
             if data:
                 await response.send(data)

@@ -8,7 +8,12 @@ Rules:
 - Each change is encoded once (its SSE frame, ``id:`` = the row's version) and appended to the
   bounded queue of every subscriber whose selection (all, a base, a set of pairs) contains its
   key: O(matching subscribers) per change, through per-base and per-pair indexes.
-- A subscriber whose queue is full (it is ``queue_size`` events behind) is cut off at once: its
+- Once a stream's snapshot (and anything queued behind it) is sent, its handler hands the hub
+  a writer (``go_direct``, ``internals.chunk_writer``): from then on each change is written
+  straight to that stream's transport inside ``_publish`` (one write per stream, no task to
+  wake), and the handler only sends pings and the final event.
+- A subscriber whose queue is full (it is ``queue_size`` events behind), or whose transport
+  holds more than ``queue_size * DIRECT_BYTES_PER_EVENT`` unsent bytes, is cut off at once: its
   queue is replaced by one ``event: resync`` (``{"reason":"slow"}``) and its stream ends. If
   its handler is stuck on a client that stopped reading, the connection is aborted after
   ``DROP_GRACE_S``. Nobody else waits for it.
@@ -29,13 +34,15 @@ import asyncio
 import contextlib
 import json
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 PING_S = 15.0  # a comment line at least this often: keeps proxies and RESPONSE_TIMEOUT at bay
 DROP_GRACE_S = 3.0  # a dropped or shut-down stream's client gets this long to take its last chunk
 RETRY_MS = 3000  # the reconnect delay suggested to EventSource clients
 PING_FRAME = b": ping\n\n"
+DIRECT_BYTES_PER_EVENT = 1024  # a direct stream's unsent-bytes bound, per queue slot
+Writer = Callable[[bytes], bool]  # write one event now (False: the client is too far behind)
 
 
 class StreamUnavailable(Exception):
@@ -55,8 +62,8 @@ def resync_frame(reason: str) -> bytes:
 class Subscriber:
     """One open stream: its selection and its bounded queue of (key, version, frame)."""
 
-    __slots__ = ("_abort_timer", "_wake", "base", "ended", "floors", "hub", "items", "pairs",
-                 "transport")
+    __slots__ = ("_abort_timer", "_wake", "base", "direct", "ended", "floors", "hub", "items",
+                 "pairs", "transport")
 
     def __init__(self, hub: Hub, pairs: frozenset[str] | None, base: str | None,
                  transport: Any = None) -> None:
@@ -67,6 +74,7 @@ class Subscriber:
         self.items: deque[tuple[str, int, bytes]] = deque()
         self.floors: dict[str, int] | None = None  # key -> snapshot version, once known
         self.ended: str | None = None  # why the stream ends ("slow", "listener", "flush", "shutdown")
+        self.direct: Writer | None = None  # set by go_direct: the hub writes events itself
         self._wake = asyncio.Event()
         self._abort_timer: asyncio.TimerHandle | None = None
 
@@ -74,9 +82,19 @@ class Subscriber:
         """The versions the snapshot showed: queued or later deltas at or below them are old."""
         self.floors = versions
 
+    def go_direct(self, writer: Writer) -> bool:
+        """From now on the hub writes this stream's events with ``writer``; only when nothing
+        is queued (so nothing can overtake it) and the stream has not ended. The caller, its
+        handler, must not await between its last send and this call."""
+        if self.items or self.ended is not None or self.floors is None:
+            return False
+        self.direct = writer
+        return True
+
     def _end(self, reason: str, final: bytes | None) -> None:
         """Stop taking events; leave only ``final`` (if any) to be sent, then the end."""
         self.ended = reason
+        self.direct = None
         self.items.clear()
         if final is not None:
             self.items.append(("", 0, final))
@@ -125,6 +143,7 @@ class Hub:
 
     def __init__(self, queue_size: int = 256, max_streams: int = 1000) -> None:
         self.queue_size = queue_size
+        self.direct_buffer_limit = queue_size * DIRECT_BYTES_PER_EVENT
         self.max_streams = max_streams
         self.available = False  # the listener is proven alive (Store.trusted)
         self.closing = False
@@ -209,6 +228,15 @@ class Hub:
             if not group:
                 continue
             for sub in group:
+                direct = sub.direct
+                if direct is not None:
+                    if version <= sub.floors.get(key, 0):  # type: ignore[union-attr]
+                        continue  # already in the snapshot (go_direct needs floors)
+                    if direct(data):
+                        self.events_total += 1
+                    else:
+                        slow.append(sub)
+                    continue
                 items = sub.items
                 if len(items) >= limit:
                     slow.append(sub)

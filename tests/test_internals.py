@@ -73,3 +73,18 @@ def test_the_check_notices_a_histogram_that_counts_otherwise(monkeypatch) -> Non
                         lambda self, amount, exemplar=None: original(self, amount * 2))
     with pytest.raises(internals.InternalsMismatch, match="prometheus_client"):
         internals.check()
+
+
+def test_the_check_notices_sanic_framing_stream_chunks_otherwise(monkeypatch) -> None:
+    from sanic.http.http1 import Http
+
+    async def framed_otherwise(self, data: bytes, end_stream: bool) -> None:
+        await self._send(b"%d\r\n%b\r\n" % (len(data), data))  # decimal, not hex
+
+    monkeypatch.setattr(Http, "http1_response_chunked", framed_otherwise)
+    with pytest.raises(internals.InternalsMismatch, match="chunks"):
+        internals.check()
+
+
+def test_a_chunk_writer_is_only_given_for_a_chunked_http11_stream() -> None:
+    assert internals.chunk_writer(object(), 1024) is None  # not a streaming response

@@ -20,6 +20,8 @@ import pytest
 from conftest import ApiProcess, metric, wait_for
 from httpx_sse import ServerSentEvent, aconnect_sse
 
+import stream
+
 INSERT = ("INSERT INTO rate (base, quote, rate, source, as_of) VALUES ($1, $2, $3, 'manual', now()) "
           "ON CONFLICT (base, quote) DO UPDATE SET rate = EXCLUDED.rate, as_of = EXCLUDED.as_of")
 EVENT_TIMEOUT_S = 5.0
@@ -250,6 +252,40 @@ async def test_a_stalled_client_is_dropped_without_delaying_another(db_url, sql,
     marker += 1
     await sql.execute(INSERT, "GBP", "USD", f"1.{marker}")
     assert json.loads((await healthy.next_change()).data)["rate"] == float(f"1.{marker}")
+
+
+async def test_a_direct_stream_gets_each_new_change_written_once_and_is_cut_off_when_behind(
+        ) -> None:
+    hub = stream.Hub(queue_size=4)
+    hub.listener_up()
+    sub = hub.subscribe(["USDEUR"])
+    sub.set_snapshot({"USDEUR": 5})
+    written: list[bytes] = []
+    room = True
+
+    def writer(data: bytes) -> bool:
+        if room:
+            written.append(data)
+        return room
+
+    hub.rate("USDEUR", 6, b'{"queued":1}')  # before the handler hands over: queued
+    assert not sub.go_direct(writer)  # something is queued: it must be sent first
+    data, events, final = await sub.next_chunk(0.01)
+    assert events == 1 and not final and b'"queued"' in data
+    assert sub.go_direct(writer)
+    hub.rate("USDEUR", 5, b'{"old":1}')  # at or below the snapshot's version: already shown
+    hub.rate("USDEUR", 7, b'{"new":1}')
+    hub.rate("GBPUSD", 8, b'{"other":1}')  # not selected
+    assert written == [stream.frame("rate", b'{"new":1}', 7)] and not sub.items
+    room = False  # the client is too far behind
+    hub.rate("USDEUR", 9, b'{"late":1}')
+    assert sub.ended == "slow" and hub.dropped_total == 1
+    data, events, final = await sub.next_chunk(0.01)
+    assert final and b'"reason":"slow"' in data
+    room = True
+    hub.rate("USDEUR", 10, b'{"after":1}')
+    assert len(written) == 1  # an ended stream is written no more
+    hub.unsubscribe(sub)
 
 
 async def _subscribers(api: ApiProcess, count: int) -> bool:
