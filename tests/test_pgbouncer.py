@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import debian
 import pytest
 import test_guarantees as guarantees
 from conftest import ApiProcess, wait_for
@@ -27,36 +28,11 @@ import util
 pytestmark = pytest.mark.slow
 
 
-def _pgbouncer_path() -> str | None:
-    return shutil.which("pgbouncer") or next(
-        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)), None)
-
-
 @pytest.fixture(scope="session")
 def pgbouncer_bin() -> str:
     """Debian's pgbouncer, installed here if missing (once per session; skipped only where it
     cannot be installed)."""
-    path = _pgbouncer_path()
-    if path:
-        return path
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip("pgbouncer is not installed and cannot be installed here (needs root and "
-                    "apt-get): install Debian's `pgbouncer` package to run these tests")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    output = ""
-    for command in (["apt-get", "update"],
-                    ["apt-get", "install", "-y", "--no-install-recommends", "pgbouncer"]):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"{' '.join(command)} did not finish within 300 s")
-        output += done.stdout[-2000:] + done.stderr[-2000:]
-        if done.returncode != 0:
-            pytest.skip(f"{' '.join(command)} failed ({done.returncode}):\n{output}")
-    path = _pgbouncer_path()
-    if not path:
-        pytest.skip(f"apt-get installed no pgbouncer binary:\n{output}")
-    return path
+    return debian.binary("pgbouncer", ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"), "these tests")
 
 
 @dataclass
