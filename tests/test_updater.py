@@ -588,8 +588,7 @@ async def test_losing_the_lock_aborts_the_run_and_the_updater_retries(
 
 async def test_no_commit_after_the_lock_is_lost(make_updater, upstream, sql) -> None:
     updater = make_updater(feed_env(upstream, "ecb"))
-    conn = await updater._data_conn()
-    assert await updater._try_lead()
+    assert await updater.try_lead()
     await sql.execute("SELECT pg_terminate_backend($1)", updater.lock_pid)
     async def lost() -> bool:
         return not updater.leading
@@ -597,7 +596,7 @@ async def test_no_commit_after_the_lock_is_lost(make_updater, upstream, sql) -> 
     await wait_for(lost, 5, what="the lock connection's termination")
     quotes = FEEDS["ecb"].parse(payload(DEFAULT_PAYLOADS["ecb"]))
     with pytest.raises(LeaderLost):
-        await updater._write(conn, "ecb", quotes)
+        await updater.write_rates("ecb", quotes)
     assert await rates(sql) == {}
 
 
