@@ -21,7 +21,7 @@ from pathlib import Path
 import debian
 import pytest
 import test_guarantees as guarantees
-from conftest import ApiProcess, wait_for
+from conftest import ApiProcess, db_name, wait_for
 
 import util
 
@@ -129,7 +129,7 @@ async def test_the_pool_goes_through_pgbouncer_and_the_listener_does_not(
         db_url, pg, bouncer, pooled_api) -> None:
     api = await pooled_api(db_url)
     assert (await api.client.put("/v1/rates/USD/EUR", json={"rate": "1.1"})).status_code == 201
-    db = guarantees._db_name(db_url)
+    db = db_name(db_url)
     names = {row[-1] for row in show_clients(pg, bouncer) if row[2] == db}
     assert "xrates-api" in names and "xrates-listener" not in names, (bouncer.version, names)
     assert bouncer.version.startswith("PgBouncer 1.")

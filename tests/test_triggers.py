@@ -23,7 +23,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import create_database, wait_for
 
 import model
 import util
@@ -503,13 +503,7 @@ OLD_SCHEMA = Path(__file__).parent / "fixtures" / "triggers_v1.sql"
 
 
 async def test_upgrading_a_database_of_the_old_schema_keeps_its_data(pg) -> None:
-    name = f"xrates_upgrade_{time.monotonic_ns()}"
-    admin = await asyncpg.connect(pg.url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
+    url = await create_database(pg, f"xrates_upgrade_{time.monotonic_ns()}")
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(OLD_SCHEMA.read_text())
