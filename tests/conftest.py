@@ -180,6 +180,18 @@ class ApiProcess(processes.ApiServer):
         self.stop_process()
 
 
+async def serves_row(api: ApiProcess, base: str, quote: str, version: int | None) -> bool:
+    """True if the instance answers the pair as the database holds it: 200 with ``version``,
+    or 404 when ``version`` is None (no row). False while it cannot be reached."""
+    try:
+        response = await api.client.get(f"/v1/rates/{base}/{quote}")
+    except httpx.TransportError:
+        return False
+    if version is None:
+        return response.status_code == 404
+    return response.status_code == 200 and response.json()["version"] == version
+
+
 async def metric(api: ApiProcess, name: str) -> float:
     """One value of an instance's /metrics (the first sample of that name)."""
     text = (await api.client.get("/metrics")).text

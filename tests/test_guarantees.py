@@ -21,6 +21,7 @@ from conftest import (
     db_name,
     metric,
     running,
+    serves_row,
     store_settings,
     wait_for,
 )
@@ -405,11 +406,7 @@ async def test_version_order_under_concurrent_delete_and_reinsert(db_url, sql, s
 
     async def both_serve_db() -> bool:
         for api in (a, b):
-            response = await get(api, "USD", "EUR")
-            if final is None and response.status_code != 404:
-                return False
-            if final is not None and (response.status_code != 200
-                                      or response.json()["version"] != final["version"]):
+            if not await serves_row(api, "USD", "EUR", final["version"] if final else None):
                 return False
         return True
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from conftest import answers_200, wait_for
+from conftest import answers_200, serves_row, wait_for
 from recorded_feeds import Upstream, upstream  # noqa: F401 - fixture
 from test_updater import UpdaterProcess, feed_env
 
@@ -138,8 +138,7 @@ async def test_sigkill_of_postgres_under_load(tmp_path: Path, start_api) -> None
 
         async def serves_database() -> bool:
             for key, (_rate, version) in final.items():
-                response = await api.client.get(f"/v1/rates/{key[:3]}/{key[3:]}")
-                if response.status_code != 200 or response.json()["version"] != version:
+                if not await serves_row(api, key[:3], key[3:], version):
                     return False
             return True
 

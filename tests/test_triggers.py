@@ -21,9 +21,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
-import httpx
 import pytest
-from conftest import create_database, wait_for
+from conftest import create_database, serves_row, wait_for
 
 import model
 import util
@@ -381,17 +380,10 @@ async def test_api_instances_converge_during_the_sql_load(db_url, sql, start_api
 
     async def every_instance_serves_the_database() -> bool:
         for base, quote in KEYS:
-            row = await sql.fetchrow("SELECT version FROM rate WHERE base = $1 AND quote = $2",
-                                     base, quote)
+            version = await sql.fetchval("SELECT version FROM rate WHERE base = $1 AND quote = $2",
+                                         base, quote)
             for api in apis:
-                try:
-                    response = await api.client.get(f"/v1/rates/{base}/{quote}")
-                except httpx.TransportError:
-                    return False
-                if row is None and response.status_code != 404:
-                    return False
-                if row is not None and (response.status_code != 200
-                                        or response.json()["version"] != row["version"]):
+                if not await serves_row(api, base, quote, version):
                     return False
         return True
 
