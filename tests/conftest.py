@@ -180,6 +180,20 @@ class ApiProcess(processes.ApiServer):
         self.stop_process()
 
 
+@contextlib.asynccontextmanager
+async def serving(db_url: str, log_dir: Path) -> AsyncIterator[ApiProcess]:
+    """One API instance on ``db_url`` for the block (a module's, say): ready on entry, stopped
+    by PID on exit, which fails if the instance logged a server error."""
+    api = ApiProcess(db_url, log_dir)
+    try:
+        await api.wait_ready()
+        yield api
+    finally:
+        await api.stop()
+        errors = api.server_errors()
+        assert not errors, "server errors logged:\n" + "\n".join(errors)
+
+
 async def serves_row(api: ApiProcess, base: str, quote: str, version: int | None) -> bool:
     """True if the instance answers the pair as the database holds it: 200 with ``version``,
     or 404 when ``version`` is None (no row). False while it cannot be reached."""
