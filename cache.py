@@ -201,6 +201,11 @@ class RateCache:
         """How many keys have a floor (states known ahead of the stream)."""
         return len(self._floors)
 
+    @property
+    def fills_in_flight(self) -> int:
+        """How many keys have a database read begun and not yet finished or cancelled."""
+        return len(self._inflight)
+
     def pass_barrier(self, barrier: int) -> int:
         """Heartbeat ``barrier`` came back: everything committed before it was sent has been
         applied. Drop the floors it makes safe and cache the negative results waiting for it;

@@ -417,6 +417,13 @@ def _check_width(row: Sequence[str], width: int, feed: str, where: str) -> None:
                           "(truncated or reshaped payload)")
 
 
+def _data_rows(table: Sequence[list[str]], feed: str) -> list[list[str]]:
+    """The rows below the header row, each checked to be as wide as the header."""
+    for number, row in enumerate(table[1:], 2):
+        _check_width(row, len(table[0]), feed, f"row {number}")
+    return list(table[1:])
+
+
 def _timestamp_day(raw: object) -> date | None:
     """The date of `2026-03-17T00:00:00` or `2026-02-28T00:00:00.000Z` (as written)."""
     if not isinstance(raw, str) or len(raw) < 10:
@@ -457,6 +464,30 @@ def _load_json(payload: bytes, feed: str) -> object:
 
 def _reject_constant(name: str) -> object:
     raise ValueError(f"non-finite JSON number {name}")
+
+
+def _listed(data: object, key: str, feed: str, where: str | None = None) -> list[Any]:
+    """The list a JSON object holds under `key`; anything else means the feed changed shape."""
+    items = data.get(key) if isinstance(data, Mapping) else None
+    if not isinstance(items, list):
+        raise SourceError(f"{feed}: payload has no {where or f'`{key}`'} list")
+    return items
+
+
+def _field(row: object, key: str) -> object:
+    """`row[key]` of a JSON object, None for a missing key or a row that is not an object."""
+    return row.get(key) if isinstance(row, Mapping) else None
+
+
+def _json_quote(row: object, pivot: str, day: date | None, *, code: str, rate: str,
+                units: str | None = None) -> Quote | None:
+    """One JSON row of an X -> pivot feed: `row[code]` costs `row[rate]` pivot per `row[units]`
+    units (per 1 unit without `units`) on `day`; None for a row that is not an object, or no day."""
+    if not isinstance(row, Mapping) or day is None:
+        return None
+    value = _decimal(row.get(rate))
+    per_unit = value if units is None else _per_unit(value, _decimal(row.get(units)))
+    return _make_quote(row.get(code), pivot, per_unit, _midnight(day))
 
 
 def _load_xml(payload: bytes, feed: str, *, default_encoding: str = "utf-8") -> ET.Element:
@@ -657,10 +688,7 @@ def _boc_rows(payload: bytes) -> list[Quote | None]:
     `recent=N` is per series, so discontinued series (MYR, THB, VND stopped in 2019) still
     appear with their last value; the stale-series rule drops them.
     """
-    data = _load_json(payload, "boc")
-    observations = data.get("observations") if isinstance(data, Mapping) else None
-    if not isinstance(observations, list):
-        raise SourceError("boc: payload has no `observations` list")
+    observations = _listed(_load_json(payload, "boc"), "observations", "boc")
     return [
         _make_quote(series, "CAD", rate, _midnight(day))
         for observation in observations
@@ -702,8 +730,7 @@ def _bdi_rows(payload: bytes) -> list[Quote | None]:
     header = table[0]
     cols = _columns(header, ("ISO Code", "Rate", "Rate convention", "Reference date (CET)"), "bdi")
     candidates: list[Quote | None] = []
-    for number, row in enumerate(table[1:], 2):
-        _check_width(row, len(header), "bdi", f"row {number}")
+    for row in _data_rows(table, "bdi"):
         day = _iso_day(row[cols["Reference date (CET)"]])
         convention = row[cols["Rate convention"]].strip()
         if day is None or convention != _BDI_CONVENTION:  # another direction: not guessed
@@ -738,11 +765,7 @@ def _nbp_rows(payload: bytes) -> list[Quote | None]:
             rates = item.get("rates")
             if day is None or not isinstance(rates, list):
                 raise SourceError("nbp: table without effectiveDate or rates list")
-            candidates += [
-                _make_quote(row.get("code"), "PLN", _decimal(row.get("mid")), _midnight(day))
-                if isinstance(row, Mapping) else None
-                for row in rates
-            ]
+            candidates += [_json_quote(row, "PLN", day, code="code", rate="mid") for row in rates]
         elif "cena" in item:
             day, per_gram = _iso_day(item.get("data")), _decimal(item.get("cena"))
             per_ounce = None if per_gram is None else _multiply(per_gram, TROY_OUNCE_G)
@@ -768,19 +791,11 @@ parse_nbp = _single("nbp", _nbp_rows, stale_per_payload=True)
 
 def _cnb_rows(payload: bytes) -> list[Quote | None]:
     """Czech National Bank JSON API (daily or daily-year): X -> CZK, `rate` per `amount`."""
-    data = _load_json(payload, "cnb")
-    rates = data.get("rates") if isinstance(data, Mapping) else None
-    if not isinstance(rates, list):
-        raise SourceError("cnb: payload has no `rates` list")
-    candidates: list[Quote | None] = []
-    for row in rates:
-        day = _iso_day(row.get("validFor")) if isinstance(row, Mapping) else None
-        if day is None:
-            candidates.append(None)
-            continue
-        rate = _per_unit(_decimal(row.get("rate")), _decimal(row.get("amount")))
-        candidates.append(_make_quote(row.get("currencyCode"), "CZK", rate, _midnight(day)))
-    return candidates
+    return [
+        _json_quote(row, "CZK", _iso_day(_field(row, "validFor")), code="currencyCode",
+                    rate="rate", units="amount")
+        for row in _listed(_load_json(payload, "cnb"), "rates", "cnb")
+    ]
 
 
 parse_cnb = _single("cnb", _cnb_rows)
@@ -832,8 +847,7 @@ def _nb_rows(payload: bytes) -> list[Quote | None]:
     header = table[0]
     cols = _columns(header, ("BASE_CUR", "QUOTE_CUR", "UNIT_MULT", "TIME_PERIOD", "OBS_VALUE"), "nb")
     candidates: list[Quote | None] = []
-    for number, row in enumerate(table[1:], 2):
-        _check_width(row, len(header), "nb", f"row {number}")
+    for row in _data_rows(table, "nb"):
         day = _iso_day(row[cols["TIME_PERIOD"]])
         multiplier = row[cols["UNIT_MULT"]].strip()
         if day is None or row[cols["QUOTE_CUR"]].strip() != "NOK" or not _SMALL_INT_RE.fullmatch(multiplier):
@@ -901,12 +915,8 @@ def _nbg_rows(payload: bytes) -> list[Quote | None]:
         day = _timestamp_day(entry.get("date")) if isinstance(entry, Mapping) else None
         if day is None or not isinstance(currencies, list):
             raise SourceError("nbg: entry without `date` or `currencies` list")
-        for row in currencies:
-            if not isinstance(row, Mapping):
-                candidates.append(None)
-                continue
-            rate = _per_unit(_decimal(row.get("rate")), _decimal(row.get("quantity")))
-            candidates.append(_make_quote(row.get("code"), "GEL", rate, _midnight(day)))
+        candidates += [_json_quote(row, "GEL", day, code="code", rate="rate", units="quantity")
+                       for row in currencies]
     return candidates
 
 
@@ -1060,8 +1070,7 @@ def _boe_rows(payload: bytes) -> list[Quote | None]:
     if not any(codes):
         raise SourceError("boe: CSV header has no known series code")
     candidates: list[Quote | None] = []
-    for number, row in enumerate(table[1:], 2):
-        _check_width(row, len(header), "boe", f"row {number}")
+    for row in _data_rows(table, "boe"):
         day = _named_month_day(row[0])
         for code, cell in zip(codes[1:], row[1:], strict=True):
             if code is not None and cell.strip():
@@ -1091,13 +1100,9 @@ def _hkma_rows(payload: bytes) -> list[Quote | None]:
     if not isinstance(header, Mapping) or header.get("success") is not True:
         message = header.get("err_msg") if isinstance(header, Mapping) else None
         raise SourceError(f"hkma: API error: {str(message)[:120] if message else 'no header'}")
-    result = data.get("result")
-    records = result.get("records") if isinstance(result, Mapping) else None
-    if not isinstance(records, list):
-        raise SourceError("hkma: payload has no result.records list")
     candidates: list[Quote | None] = []
-    for record in records:
-        day = _iso_day(record.get("end_of_day")) if isinstance(record, Mapping) else None
+    for record in _listed(data.get("result"), "records", "hkma", "result.records"):
+        day = _iso_day(_field(record, "end_of_day"))
         if day is None:
             raise SourceError("hkma: record without end_of_day")
         for key, value in record.items():

@@ -220,8 +220,10 @@ class Updater:
             self._interrupt.set()
             self._wake.set()
 
-    async def _try_lead(self) -> bool:
-        """Take the leader lock if free; on success LISTEN and fail the runs orphaned before."""
+    async def try_lead(self) -> bool:
+        """Take the leader lock if it is free (what ``run()`` retries every LOCK_RETRY_S); True
+        if this updater now leads. On success it LISTENs for queued runs and fails the runs
+        orphaned before. ``close()`` (or the end of the lock session) gives the lock up."""
         conn = await self._data_conn()
         if self.lock_conn is None or self.lock_conn.is_closed():
             self.lock_conn = await util.connect(self.url, APPLICATION_NAME)
@@ -275,7 +277,7 @@ class Updater:
         waiting_logged = False
         while not self.stopping:
             try:
-                if await self._try_lead():
+                if await self.try_lead():
                     waiting_logged = False
                     backoff_s = LOCK_RETRY_S
                     await self._lead()
@@ -348,7 +350,7 @@ class Updater:
         try:
             while True:
                 conn = await self._data_conn()
-                if self.lock_pid is None and not self.stopping and await self._try_lead():
+                if self.lock_pid is None and not self.stopping and await self.try_lead():
                     if queued_id is None:
                         run = await model.insert_started_run(conn, "manual", self.runner, total)
                     else:
@@ -560,6 +562,16 @@ class Updater:
         # year file): a backfill of N days stores those N days.
         first = backfill_window(now.date(), backfill_days)[0]
         return [q for q in quotes if q.as_of.astimezone(UTC).date() >= first]
+
+    async def write_rates(self, name: str, quotes: Sequence[sources.Quote]) -> int:
+        """Write source ``name``'s current ``quotes`` (no history rows) in one transaction as a
+        run does: jump guard, priority, the leader check just before the commit (see
+        ``_write``); the number of rows changed.
+
+        Raises LeaderLost, and writes nothing, when this updater does not hold the leader lock
+        (any more); JumpRejected when the jump guard rejects the quotes.
+        """
+        return await self._write(await self._data_conn(), name, quotes)
 
     async def _write(self, conn: asyncpg.Connection, name: str,
                      quotes: Sequence[sources.Quote],

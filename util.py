@@ -19,10 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -101,30 +102,34 @@ def redact_url(url: str | None) -> str | None:
     return parts._replace(netloc=netloc).geturl()
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+Number = TypeVar("Number", int, float)
+
+
+def _number(env: Mapping[str, str], name: str, default: Number, parse: Callable[[str], Number],
+            kind: str, fits: Callable[[Number], bool], bound: str) -> Number:
+    """A numeric setting: `default` when unset or blank, else `parse` of it, which must be
+    `kind` and satisfy `fits` (described as `bound` in the error)."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be >= {minimum}")
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
+    if not fits(value):
+        raise ConfigError(f"{name}={raw!r} must be {bound}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    return _number(env, name, default, int, "an integer", lambda value: value >= minimum,
+                   f">= {minimum}")
 
 
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not value >= minimum or value == float("inf"):
-        raise ConfigError(f"{name}={raw!r} must be a finite number >= {minimum}")
-    return value
+    return _number(env, name, default, float, "a number",
+                   lambda value: value >= minimum and value != float("inf"),
+                   f"a finite number >= {minimum}")
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -84,27 +84,34 @@ def _db_url(server: util.EmbeddedPostgres, name: str) -> str:
     return f"postgresql://postgres@127.0.0.1:{server.port}/{name}"
 
 
-@pytest.fixture(scope="session")
-async def template(pg: util.EmbeddedPostgres) -> str:
+def db_name(url: str) -> str:
+    """The database name of a test database's URL."""
+    return url.rsplit("/", 1)[1]
+
+
+async def create_database(pg: util.EmbeddedPostgres, name: str, template: str | None = None, *,
+                          replace: bool = False) -> str:
+    """A new database ``name`` on the session's server, empty or a copy of ``template``; its
+    URL. ``replace``: drop a database of that name first."""
     conn = await asyncpg.connect(pg.url)
     try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
-        await conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+        if replace:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        await conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
     finally:
         await conn.close()
-    await util.migrate(_db_url(pg, TEMPLATE_DB))
+    return _db_url(pg, name)
+
+
+@pytest.fixture(scope="session")
+async def template(pg: util.EmbeddedPostgres) -> str:
+    await util.migrate(await create_database(pg, TEMPLATE_DB, replace=True))
     return TEMPLATE_DB
 
 
 async def fresh_database(pg: util.EmbeddedPostgres, template: str) -> str:
     """A new database copied from the migrated template; its URL."""
-    name = f"xrates_test_{os.getpid()}_{next(_db_counter)}"
-    conn = await asyncpg.connect(pg.url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    finally:
-        await conn.close()
-    return _db_url(pg, name)
+    return await create_database(pg, f"xrates_test_{os.getpid()}_{next(_db_counter)}", template)
 
 
 @pytest.fixture
@@ -171,6 +178,32 @@ class ApiProcess(processes.ApiServer):
     async def stop(self) -> None:
         await self.client.aclose()
         self.stop_process()
+
+
+@contextlib.asynccontextmanager
+async def serving(db_url: str, log_dir: Path) -> AsyncIterator[ApiProcess]:
+    """One API instance on ``db_url`` for the block (a module's, say): ready on entry, stopped
+    by PID on exit, which fails if the instance logged a server error."""
+    api = ApiProcess(db_url, log_dir)
+    try:
+        await api.wait_ready()
+        yield api
+    finally:
+        await api.stop()
+        errors = api.server_errors()
+        assert not errors, "server errors logged:\n" + "\n".join(errors)
+
+
+async def serves_row(api: ApiProcess, base: str, quote: str, version: int | None) -> bool:
+    """True if the instance answers the pair as the database holds it: 200 with ``version``,
+    or 404 when ``version`` is None (no row). False while it cannot be reached."""
+    try:
+        response = await api.client.get(f"/v1/rates/{base}/{quote}")
+    except httpx.TransportError:
+        return False
+    if version is None:
+        return response.status_code == 404
+    return response.status_code == 200 and response.json()["version"] == version
 
 
 async def metric(api: ApiProcess, name: str) -> float:

@@ -9,7 +9,7 @@ from decimal import Decimal
 import asyncpg
 import httpx
 import pytest
-from conftest import ApiProcess, fresh_database, wait_for
+from conftest import ApiProcess, fresh_database, serving, wait_for
 
 JSON = {"Content-Type": "application/json"}
 
@@ -18,14 +18,8 @@ JSON = {"Content-Type": "application/json"}
 async def shared(pg, template, tmp_path_factory) -> AsyncIterator[tuple[ApiProcess, str]]:
     """One instance and database for the whole module (tests clean up the pairs they use)."""
     url = await fresh_database(pg, template)
-    api = ApiProcess(url, tmp_path_factory.mktemp("api"))
-    try:
-        await api.wait_ready()
+    async with serving(url, tmp_path_factory.mktemp("api")) as api:
         yield api, url
-    finally:
-        await api.stop()
-        errors = api.server_errors()
-        assert not errors, "\n".join(errors)
 
 
 @pytest.fixture

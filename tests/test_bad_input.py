@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from conftest import ApiProcess, fresh_database
+from conftest import ApiProcess, fresh_database, serving
 
 JSON = {"Content-Type": "application/json"}
 TOKEN = "s3cret-token-for-tests"
@@ -26,13 +26,8 @@ async def target(pg, template, tmp_path_factory) -> AsyncIterator[tuple[ApiProce
                        "VALUES ('USD', 'EUR', 0.92, 'manual', now()), "
                        "('EUR', 'GBP', 0.85, 'ecb', now())")
     await conn.close()
-    api = ApiProcess(url, tmp_path_factory.mktemp("bad"))
-    try:
-        await api.wait_ready()
+    async with serving(url, tmp_path_factory.mktemp("bad")) as api:
         yield api, url
-    finally:
-        await api.stop()
-        assert not api.server_errors(), "\n".join(api.server_errors())
 
 
 async def snapshot(url: str) -> list[tuple]:

@@ -107,7 +107,7 @@ def test_cancelled_fill_releases_tracking() -> None:
     cache = enabled_cache()
     token = cache.begin_fill("USDEUR")
     cache.cancel_fill(token)
-    assert cache._inflight == {}
+    assert cache.fills_in_flight == 0
 
 
 def test_size_bound_counts_tombstones() -> None:
@@ -435,7 +435,7 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
         for read in list(self.reads):
             self.reads.remove(read)
             self.cache.cancel_fill(read["token"])
-        assert self.cache._inflight == {}
+        assert self.cache.fills_in_flight == 0
         for key in KEYS:
             entry = self.cache.lookup(key)
             if entry is None:

@@ -11,23 +11,18 @@ as_of rule holds anything back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+from recorded_feeds import FIXTURES, LocalServer
 
 import util
 from sources import FEEDS
 from updater import Updater
 
-FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
 RUN_DEADLINE_S = 60.0
 
 # The README's recommended XRATES_SOURCES order (all 17).
@@ -69,61 +64,27 @@ def recorded_file(path: str) -> str | None:
     return next((name for prefix, name in ROUTES if path.startswith(prefix)), None)
 
 
-class Recorded:
-    """Serves the recorded payloads on 127.0.0.1 and counts the requests per source file."""
+class Recorded(LocalServer):
+    """Serves the recorded payloads by request path and counts the requests per source file."""
 
     def __init__(self) -> None:
         self.hits: dict[str, int] = {}
         self.misses: list[str] = []
-        recorded = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def answer(self) -> None:
-                name = recorded_file(urlsplit(self.path).path)
-                if name is None:
-                    recorded.misses.append(f"{self.command} {self.path}")
-                    body, status = b"not recorded", 404
-                else:
-                    recorded.hits[name] = recorded.hits.get(name, 0) + 1
-                    body, status = (FIXTURES / name).read_bytes(), 200
-                with contextlib.suppress(OSError):
-                    self.send_response(status)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                self.answer()
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                self.answer()
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+    def reply(self, method: str, path: str) -> tuple[int, bytes]:
+        name = recorded_file(urlsplit(path).path)
+        if name is None:
+            self.misses.append(f"{method} {path}")
+            return 404, b"not recorded"
+        self.hits[name] = self.hits.get(name, 0) + 1
+        return 200, (FIXTURES / name).read_bytes()
 
 
 @pytest.fixture
 def recorded() -> Iterator[Recorded]:
-    server = Recorded()
-    try:
+    with Recorded() as server:
         yield server
-    finally:
-        server.close()
 
 
 def test_every_route_names_a_recorded_file() -> None:

@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import asyncpg
+import debian
 import httpx
 import pytest
 import yaml
@@ -610,35 +611,11 @@ def test_kustomization_builds() -> None:
 
 
 # =========================================================================== processes
-def _haproxy_path() -> str | None:
-    return shutil.which("haproxy") or next(
-        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None)
-
-
 @pytest.fixture(scope="module")
 def haproxy_bin() -> str:
     """Debian's haproxy, installed here if missing (skipped only where it cannot be)."""
-    path = _haproxy_path()
-    if path:
-        return path
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip("haproxy is not installed and cannot be installed here (needs root and "
-                    "apt-get): install Debian's `haproxy` package to run the topology test")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    output = ""
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends",
-                                            "haproxy"]):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"`{' '.join(command)}` timed out: cannot install haproxy here")
-        output = done.stdout[-1500:] + done.stderr[-1500:]
-        if done.returncode != 0:
-            pytest.skip(f"`{' '.join(command)}` failed, cannot install haproxy here:\n{output}")
-    path = _haproxy_path()
-    if not path:
-        pytest.skip(f"apt-get installed no haproxy binary:\n{output}")
-    return path
+    return debian.binary("haproxy", ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy"),
+                         "the topology test")
 
 
 def local_haproxy_config(api_ports: list[int], bind_ports: dict[int, int]) -> str:

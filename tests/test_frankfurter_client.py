@@ -35,8 +35,8 @@ from types import ModuleType
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+from recorded_feeds import upstream  # noqa: F401 - fixture
 from test_frankfurter import ecb_history
-from test_updater import upstream  # noqa: F401 - fixture
 
 import frankfurter as fk
 

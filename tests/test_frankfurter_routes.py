@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from recorded_feeds import payload, upstream  # noqa: F401 - fixture
 from test_frankfurter import ecb_history
 from test_history import ECB_90D, whole_file_days
-from test_updater import payload, upstream  # noqa: F401 - fixture
 
 import frankfurter as fk
 import util

@@ -14,7 +14,17 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from conftest import ApiProcess, answers_200, metric, running, store_settings, wait_for
+from conftest import (
+    ApiProcess,
+    answers_200,
+    create_database,
+    db_name,
+    metric,
+    running,
+    serves_row,
+    store_settings,
+    wait_for,
+)
 
 import model
 import util
@@ -184,13 +194,9 @@ async def _listener_pids(conn: asyncpg.Connection, db: str) -> list[int]:
     return [r["pid"] for r in rows]
 
 
-def _db_name(url: str) -> str:
-    return url.rsplit("/", 1)[1]
-
-
 async def test_terminated_listener_bypasses_then_flushes(db_url, sql, pg, start_api) -> None:
     api = await start_api(db_url)
-    db = _db_name(db_url)
+    db = db_name(db_url)
     await sql.execute(INSERT, "USD", "EUR", "1.10")
     await wait_for(lambda: _applied(api, 1), 5, what="first value pushed")
     assert (await get(api, "USD", "EUR")).headers["x-cache"] == "hit"
@@ -230,7 +236,7 @@ async def _rate_is(api: ApiProcess, base: str, quote: str, rate: float, how: str
 async def test_silently_dead_listener_is_found_by_the_heartbeat_within_2s(db_url, sql, start_api
                                                                          ) -> None:
     api = await start_api(db_url, env=DEFAULT_HEARTBEAT)  # the shipped defaults
-    db = _db_name(db_url)
+    db = db_name(db_url)
     await sql.execute(INSERT, "USD", "EUR", "1.10")
     await wait_for(lambda: _applied(api, 1), 5, what="first value pushed")
     [pid] = await _listener_pids(sql, db)
@@ -314,7 +320,7 @@ async def test_cache_size_zero_is_read_through(db_url, sql, start_api) -> None:
 async def test_exactly_one_listener_connection_per_instance_worker(db_url, sql, start_api) -> None:
     await start_api(db_url)
     await start_api(db_url, workers=2)
-    db = _db_name(db_url)
+    db = db_name(db_url)
 
     async def listeners() -> int:
         return len(await _listener_pids(sql, db))
@@ -331,7 +337,7 @@ async def _equals(awaitable, expected) -> bool:
 
 async def test_heartbeat_is_end_to_end_through_the_pool(db_url, sql, start_api) -> None:
     api = await start_api(db_url)
-    db = _db_name(db_url)
+    db = db_name(db_url)
     # Each instance heartbeats on its own channel (it logs which): watch it from outside.
     [channel] = re.findall(r"heartbeat_channel=(xrates_hb_[0-9a-f]+)", api.log())
     heartbeats: asyncio.Queue = asyncio.Queue()
@@ -400,11 +406,7 @@ async def test_version_order_under_concurrent_delete_and_reinsert(db_url, sql, s
 
     async def both_serve_db() -> bool:
         for api in (a, b):
-            response = await get(api, "USD", "EUR")
-            if final is None and response.status_code != 404:
-                return False
-            if final is not None and (response.status_code != 200
-                                      or response.json()["version"] != final["version"]):
+            if not await serves_row(api, "USD", "EUR", final["version"] if final else None):
                 return False
         return True
 
@@ -437,11 +439,7 @@ async def test_a_database_call_that_hangs_answers_503_fast(db_url, sql, start_ap
 
 
 async def test_an_unmigrated_database_answers_503_not_500(pg, start_api) -> None:
-    admin = await asyncpg.connect(pg.url)
-    name = f"xrates_empty_{os.getpid()}_{random.randrange(10**6)}"
-    await admin.execute(f"CREATE DATABASE {name}")
-    await admin.close()
-    url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
+    url = await create_database(pg, f"xrates_empty_{os.getpid()}_{random.randrange(10**6)}")
     api = await start_api(url, wait=False)  # XRATES_AUTO_MIGRATE=0: nobody creates the schema
 
     await wait_for(lambda: answers_200(api.client, "/health"), 30, 0.05, "the API to answer")
@@ -500,7 +498,7 @@ async def test_the_listener_can_use_its_own_url(db_url, sql, start_api) -> None:
     await sql.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
     listen_url = db_url.replace("postgresql://postgres@", f"postgresql://{role}@")
     api = await start_api(db_url, env={"XRATES_LISTEN_URL": listen_url})
-    db = _db_name(db_url)
+    db = db_name(db_url)
     users = {(r["application_name"], r["usename"]) for r in await sql.fetch(
         "SELECT application_name, usename FROM pg_stat_activity WHERE datname = $1 "
         "AND application_name LIKE 'xrates-%'", db)}

@@ -9,14 +9,14 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
-from conftest import wait_for
-from test_updater import UpdaterProcess, Upstream, feed_env
+from conftest import answers_200, serves_row, wait_for
+from recorded_feeds import Upstream, upstream  # noqa: F401 - fixture
+from test_updater import UpdaterProcess, feed_env
 
 import util
 from updater import ORPHANED_ERROR
@@ -112,7 +112,7 @@ async def test_sigkill_of_postgres_under_load(tmp_path: Path, start_api) -> None
         assert ready.status_code in (200, 503)
         acks_before_restart = sum(len(v) for v in acked.values())
         server.start()  # same data directory and port: crash recovery
-        await wait_for(lambda: _ready(api), 20, 0.05, "the API to recover without a restart")
+        await wait_for(lambda: answers_200(api.client), 20, 0.05, "the API to recover without a restart")
         await wait_for(lambda: acks_at_least(acks_before_restart + 10), 10,
                        what="writes acknowledged after recovery")
         stop.set()
@@ -138,8 +138,7 @@ async def test_sigkill_of_postgres_under_load(tmp_path: Path, start_api) -> None
 
         async def serves_database() -> bool:
             for key, (_rate, version) in final.items():
-                response = await api.client.get(f"/v1/rates/{key[:3]}/{key[3:]}")
-                if response.status_code != 200 or response.json()["version"] != version:
+                if not await serves_row(api, key[:3], key[3:], version):
                     return False
             return True
 
@@ -148,30 +147,14 @@ async def test_sigkill_of_postgres_under_load(tmp_path: Path, start_api) -> None
         server.stop("immediate")
 
 
-async def _ready(api) -> bool:
-    try:
-        return (await api.client.get("/ready")).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 # --------------------------------------------------------------------------- the updater
-@pytest.fixture
-def feeds() -> Iterator[Upstream]:
-    server = Upstream()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 async def _updater_backends(sql: asyncpg.Connection) -> list[asyncpg.Record]:
     return await sql.fetch("SELECT pid, wait_event_type FROM pg_stat_activity "
                            "WHERE datname = current_database() AND application_name = 'xrates-updater'")
 
 
 async def test_sigkill_of_the_updater_inside_a_source_transaction(db_url, sql, tmp_path: Path,
-                                                                   feeds: Upstream) -> None:
+                                                                   upstream: Upstream) -> None:
     # A stored ECB row the run will update (older as_of, a rate within the jump guard) ...
     await sql.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
                       "VALUES ('EUR', 'USD', 1.08, 'ecb', '2024-02-01')")
@@ -182,7 +165,7 @@ async def test_sigkill_of_the_updater_inside_a_source_transaction(db_url, sql, t
         transaction = locker.transaction()
         await transaction.start()
         await locker.execute("SELECT 1 FROM rate WHERE base = 'EUR' AND quote = 'USD' FOR UPDATE")
-        first = UpdaterProcess(db_url, tmp_path, feed_env(feeds, "ecb"))
+        first = UpdaterProcess(db_url, tmp_path, feed_env(upstream, "ecb"))
         started.append(first)
 
         async def blocked_in_its_write() -> bool:
@@ -205,8 +188,8 @@ async def test_sigkill_of_the_updater_inside_a_source_transaction(db_url, sql, t
         stored = await sql.fetch("SELECT base, quote, rate::text AS rate FROM rate")
         assert [tuple(r) for r in stored] == [("EUR", "USD", "1.08")]  # nothing partial
 
-        feeds.fail("ecb")  # the successor's own run writes nothing either
-        second = UpdaterProcess(db_url, tmp_path, feed_env(feeds, "ecb"))
+        upstream.fail("ecb")  # the successor's own run writes nothing either
+        second = UpdaterProcess(db_url, tmp_path, feed_env(upstream, "ecb"))
         started.append(second)
 
         async def marked_failed() -> asyncpg.Record | None:

@@ -13,7 +13,8 @@ from decimal import Decimal
 import asyncpg
 import pytest
 from conftest import ROOT
-from test_updater import make_updater, payload, upstream  # noqa: F401 - fixtures
+from recorded_feeds import payload, upstream  # noqa: F401 - fixture
+from test_updater import make_updater  # noqa: F401 - fixture
 
 import model
 import util

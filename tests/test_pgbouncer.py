@@ -18,45 +18,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import debian
 import pytest
 import test_guarantees as guarantees
-from conftest import ApiProcess, wait_for
+from conftest import ApiProcess, db_name, wait_for
 
 import util
 
 pytestmark = pytest.mark.slow
 
 
-def _pgbouncer_path() -> str | None:
-    return shutil.which("pgbouncer") or next(
-        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)), None)
-
-
 @pytest.fixture(scope="session")
 def pgbouncer_bin() -> str:
     """Debian's pgbouncer, installed here if missing (once per session; skipped only where it
     cannot be installed)."""
-    path = _pgbouncer_path()
-    if path:
-        return path
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip("pgbouncer is not installed and cannot be installed here (needs root and "
-                    "apt-get): install Debian's `pgbouncer` package to run these tests")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    output = ""
-    for command in (["apt-get", "update"],
-                    ["apt-get", "install", "-y", "--no-install-recommends", "pgbouncer"]):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"{' '.join(command)} did not finish within 300 s")
-        output += done.stdout[-2000:] + done.stderr[-2000:]
-        if done.returncode != 0:
-            pytest.skip(f"{' '.join(command)} failed ({done.returncode}):\n{output}")
-    path = _pgbouncer_path()
-    if not path:
-        pytest.skip(f"apt-get installed no pgbouncer binary:\n{output}")
-    return path
+    return debian.binary("pgbouncer", ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"), "these tests")
 
 
 @dataclass
@@ -153,7 +129,7 @@ async def test_the_pool_goes_through_pgbouncer_and_the_listener_does_not(
         db_url, pg, bouncer, pooled_api) -> None:
     api = await pooled_api(db_url)
     assert (await api.client.put("/v1/rates/USD/EUR", json={"rate": "1.1"})).status_code == 201
-    db = guarantees._db_name(db_url)
+    db = db_name(db_url)
     names = {row[-1] for row in show_clients(pg, bouncer) if row[2] == db}
     assert "xrates-api" in names and "xrates-listener" not in names, (bouncer.version, names)
     assert bouncer.version.startswith("PgBouncer 1.")

@@ -164,13 +164,15 @@ def test_configuration_accepts_every_source_name() -> None:
     assert settings.source_urls == {"hkma": "http://127.0.0.1:9"}
 
 
+# The published direction of each feed, as its documentation states it.
+FOREIGN_PER_PIVOT_FEEDS = ("ecb", "bdi", "rba", "boe", "sarb")
+PIVOT_PER_FOREIGN_FEEDS = ("nbu", "cbr", "boc", "nbp", "cnb", "mnb", "nb", "nbg", "nbk", "nbrb",
+                           "hkma", "privatbank")
+
+
 @pytest.mark.parametrize(("name", "direction"), [
-    ("ecb", "foreign_per_pivot"), ("bdi", "foreign_per_pivot"), ("rba", "foreign_per_pivot"),
-    ("boe", "foreign_per_pivot"), ("sarb", "foreign_per_pivot"), ("nbu", "pivot_per_foreign"),
-    ("cbr", "pivot_per_foreign"), ("boc", "pivot_per_foreign"), ("nbp", "pivot_per_foreign"),
-    ("cnb", "pivot_per_foreign"), ("mnb", "pivot_per_foreign"), ("nb", "pivot_per_foreign"),
-    ("nbg", "pivot_per_foreign"), ("nbk", "pivot_per_foreign"), ("nbrb", "pivot_per_foreign"),
-    ("hkma", "pivot_per_foreign"), ("privatbank", "pivot_per_foreign"),
+    *((name, "foreign_per_pivot") for name in FOREIGN_PER_PIVOT_FEEDS),
+    *((name, "pivot_per_foreign") for name in PIVOT_PER_FOREIGN_FEEDS),
 ])
 def test_quotes_follow_the_documented_direction(name: str, direction: str) -> None:
     source = FEEDS[name]

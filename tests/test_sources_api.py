@@ -10,8 +10,9 @@ import asyncpg
 import httpx
 from conftest import wait_for
 
-# the local upstream and in-process updaters of the updater tests (fixtures, shared)
-from test_updater import DEFAULT_PAYLOADS, Upstream, make_updater, payload, upstream  # noqa: F401
+# the local upstream server and the updater tests' in-process updaters (fixtures, shared)
+from recorded_feeds import DEFAULT_PAYLOADS, Upstream, payload, upstream  # noqa: F401
+from test_updater import make_updater  # noqa: F401
 
 from sources import FEEDS, FOREIGN_PER_PIVOT, PIVOT_PER_FOREIGN
 

@@ -21,9 +21,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
-import httpx
 import pytest
-from conftest import wait_for
+from conftest import create_database, serves_row, wait_for
 
 import model
 import util
@@ -381,17 +380,10 @@ async def test_api_instances_converge_during_the_sql_load(db_url, sql, start_api
 
     async def every_instance_serves_the_database() -> bool:
         for base, quote in KEYS:
-            row = await sql.fetchrow("SELECT version FROM rate WHERE base = $1 AND quote = $2",
-                                     base, quote)
+            version = await sql.fetchval("SELECT version FROM rate WHERE base = $1 AND quote = $2",
+                                         base, quote)
             for api in apis:
-                try:
-                    response = await api.client.get(f"/v1/rates/{base}/{quote}")
-                except httpx.TransportError:
-                    return False
-                if row is None and response.status_code != 404:
-                    return False
-                if row is not None and (response.status_code != 200
-                                        or response.json()["version"] != row["version"]):
+                if not await serves_row(api, base, quote, version):
                     return False
         return True
 
@@ -497,101 +489,16 @@ async def test_every_payload_is_unique_so_none_is_folded(db_url, sql) -> None:
 
 
 # --------------------------------------------------------------------------- upgrade
-# triggers.sql as it was before the version floor (the per-key advisory lock), trimmed to
-# what a database of that schema holds: an upgrade must keep its data.
-OLD_SCHEMA = """
-CREATE OR REPLACE FUNCTION xrates_channel() RETURNS text
-    LANGUAGE sql IMMUTABLE AS $$ SELECT 'xrates'::text $$;
-CREATE SEQUENCE IF NOT EXISTS rate_version_seq;
-CREATE TABLE IF NOT EXISTS rate (
-    base       char(3)     NOT NULL CHECK (base ~ '^[A-Z]{3}$'),
-    quote      char(3)     NOT NULL CHECK (quote ~ '^[A-Z]{3}$'),
-    rate       numeric     NOT NULL CHECK (rate >= 1e-12 AND rate < 1e12),
-    source     text        NOT NULL CHECK (source ~ '^[a-z][a-z0-9_-]{0,31}$'),
-    as_of      timestamptz NOT NULL,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    version    bigint      NOT NULL DEFAULT 0,
-    PRIMARY KEY (base, quote),
-    CHECK (base <> quote)
-);
-CREATE OR REPLACE FUNCTION rate_before_insert() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock(30834, hashtext(NEW.base || NEW.quote));
-    PERFORM 1 FROM rate WHERE base = NEW.base AND quote = NEW.quote FOR UPDATE;
-    NEW.version := nextval('rate_version_seq');
-    NEW.updated_at := now();
-    RETURN NEW;
-END $$;
-CREATE OR REPLACE FUNCTION rate_before_update() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.version := nextval('rate_version_seq');
-    NEW.updated_at := now();
-    RETURN NEW;
-END $$;
-CREATE OR REPLACE FUNCTION rate_notify_upsert() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE payload text;
-BEGIN
-    FOR payload IN
-        SELECT '{"op":"u","rows":' || json_agg(json_build_array(
-                   base || quote, version, rate::text, source, as_of, updated_at))::text || '}'
-        FROM (SELECT *, row_number() OVER () - 1 AS n FROM changed_rows) r GROUP BY n / 40
-    LOOP
-        PERFORM pg_notify(xrates_channel(), payload);
-    END LOOP;
-    RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION rate_notify_delete() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE payload text;
-BEGIN
-    FOR payload IN
-        SELECT '{"op":"d","rows":' || json_agg(json_build_array(
-                   base || quote, nextval('rate_version_seq')))::text || '}'
-        FROM (SELECT *, row_number() OVER () - 1 AS n FROM changed_rows) r GROUP BY n / 40
-    LOOP
-        PERFORM pg_notify(xrates_channel(), payload);
-    END LOOP;
-    RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION rate_notify_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify(xrates_channel(), '{"op":"flush"}');
-    RETURN NULL;
-END $$;
-CREATE OR REPLACE TRIGGER rate_before_insert BEFORE INSERT ON rate
-    FOR EACH ROW EXECUTE FUNCTION rate_before_insert();
-CREATE OR REPLACE TRIGGER rate_before_update BEFORE UPDATE ON rate
-    FOR EACH ROW EXECUTE FUNCTION rate_before_update();
-CREATE OR REPLACE TRIGGER rate_notify_insert AFTER INSERT ON rate
-    REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION rate_notify_upsert();
-CREATE OR REPLACE TRIGGER rate_notify_update AFTER UPDATE ON rate
-    REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION rate_notify_upsert();
-CREATE OR REPLACE TRIGGER rate_notify_delete AFTER DELETE ON rate
-    REFERENCING OLD TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION rate_notify_delete();
-CREATE OR REPLACE TRIGGER rate_notify_truncate AFTER TRUNCATE ON rate
-    FOR EACH STATEMENT EXECUTE FUNCTION rate_notify_truncate();
-CREATE OR REPLACE FUNCTION rate_delete(p_base text, p_quote text) RETURNS bigint
-    LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM rate WHERE base = p_base AND quote = p_quote;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    RETURN currval('rate_version_seq');
-END $$;
-"""
+# triggers.sql as it was before the version floor (the per-key advisory lock), a frozen
+# fixture: an upgrade from it must keep the data.
+OLD_SCHEMA = Path(__file__).parent / "fixtures" / "triggers_v1.sql"
 
 
 async def test_upgrading_a_database_of_the_old_schema_keeps_its_data(pg) -> None:
-    name = f"xrates_upgrade_{time.monotonic_ns()}"
-    admin = await asyncpg.connect(pg.url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    url = f"postgresql://postgres@127.0.0.1:{pg.port}/{name}"
+    url = await create_database(pg, f"xrates_upgrade_{time.monotonic_ns()}")
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(OLD_SCHEMA)
+        await conn.execute(OLD_SCHEMA.read_text())
         await conn.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
                            "SELECT 'AA' || chr(65 + i), 'ZZZ', 1 + i, 'ecb', now() "
                            "FROM generate_series(0, 25) i")

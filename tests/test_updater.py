@@ -12,12 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,97 +23,19 @@ import asyncpg
 import pytest
 from conftest import ROOT, wait_for
 
+# the local upstream server, its default payloads and its fixture
+from recorded_feeds import DEFAULT_PAYLOADS, Upstream, payload, upstream  # noqa: F401
+
 import model
 import util
 from sources import FEEDS
 from updater import ORPHANED_ERROR, SHUTDOWN_ERROR, LeaderLost, Updater, dedupe, outranking_sources
 
-FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
-DEFAULT_PAYLOADS = {
-    "ecb": "ecb/eurofxref-daily_2024-02-27.xml",
-    "nbu": "nbu/statdirectory_exchange_2026-09-25.json",
-    "cbr": "cbr/XML_daily_2024-03-28_vunitrate.xml",
-    "boc": "boc/FX_RATES_DAILY_start-2026-03-12_vcr.json",
-    "privatbank": "privatbank/pubinfo_coursid5-probable_committed-2024-04-01.json",
-}
 ALL_FEEDS = "ecb,nbu,cbr,boc,privatbank"
-
-
-def payload(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
 
 
 def day(year: int, month: int, dom: int) -> datetime:
     return datetime(year, month, dom, tzinfo=UTC)
-
-
-# --------------------------------------------------------------------------- upstream server
-class Upstream:
-    """Serves recorded payloads on 127.0.0.1, one switchable route per feed name.
-
-    A route is a payload, an HTTP status, or a hang (the handler holds the request until
-    ``close()``, so a hang outlasts any fetch timeout but never the test).
-    """
-
-    def __init__(self) -> None:
-        self.routes: dict[str, tuple[str, Any]] = {}
-        self.hits: dict[str, int] = {}
-        self.closing = threading.Event()
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                name = self.path.strip("/")
-                upstream.hits[name] = upstream.hits.get(name, 0) + 1
-                kind, value = upstream.routes.get(name, ("status", 404))
-                with contextlib.suppress(OSError):
-                    if kind == "hang":
-                        upstream.closing.wait(60)
-                        return
-                    status, body = (value, b"") if kind == "status" else (200, value)
-                    self.send_response(status)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        for name, path in DEFAULT_PAYLOADS.items():
-            self.serve(name, payload(path))
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/{name}"
-
-    def serve(self, name: str, body: bytes) -> None:
-        self.routes[name] = ("body", body)
-
-    def fail(self, name: str, status: int = 500) -> None:
-        self.routes[name] = ("status", status)
-
-    def hang(self, name: str) -> None:
-        self.routes[name] = ("hang", None)
-
-    def env(self) -> dict[str, str]:
-        return {f"XRATES_{name.upper()}_URL": self.url(name) for name in FEEDS}
-
-    def close(self) -> None:
-        self.closing.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def feed_env(upstream: Upstream, sources: str = ALL_FEEDS, **extra: str) -> dict[str, str]:
@@ -668,8 +588,7 @@ async def test_losing_the_lock_aborts_the_run_and_the_updater_retries(
 
 async def test_no_commit_after_the_lock_is_lost(make_updater, upstream, sql) -> None:
     updater = make_updater(feed_env(upstream, "ecb"))
-    conn = await updater._data_conn()
-    assert await updater._try_lead()
+    assert await updater.try_lead()
     await sql.execute("SELECT pg_terminate_backend($1)", updater.lock_pid)
     async def lost() -> bool:
         return not updater.leading
@@ -677,7 +596,7 @@ async def test_no_commit_after_the_lock_is_lost(make_updater, upstream, sql) -> 
     await wait_for(lost, 5, what="the lock connection's termination")
     quotes = FEEDS["ecb"].parse(payload(DEFAULT_PAYLOADS["ecb"]))
     with pytest.raises(LeaderLost):
-        await updater._write(conn, "ecb", quotes)
+        await updater.write_rates("ecb", quotes)
     assert await rates(sql) == {}
 
 
