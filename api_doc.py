@@ -404,6 +404,10 @@ DEFINITIONS: dict[str, dict[str, Any]] = {
         summary="One update run with its progress",
         parameter=[parameter("run_id", {"type": "string", "pattern": "^[0-9]{1,18}$"}, "path")],
         response=responses((200, "the run", RUN), (404, "no such run", None), *ERRORS_READ)),
+    "ping": dict(summary="A constant answer sent exactly as a cache hit is (the benchmark's "
+                         "ceiling)",
+                 response=responses((200, "pong", {"type": "object", "required": ["pong"],
+                                                   "properties": {"pong": {"type": "boolean"}}}))),
     "health": dict(summary="Liveness (constant, no I/O)",
                    response=responses((200, "alive", {"type": "object"}))),
     "ready": dict(

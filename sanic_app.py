@@ -594,6 +594,20 @@ async def health(request: Request) -> HTTPResponse:
     return HTTPResponse(HEALTH_BODY, content_type=JSON_TYPE)
 
 
+# The benchmark's ceiling: a constant answer sent exactly as a cache hit is (pre-encoded body,
+# ETag and header lines, the same middleware), so "hit / ping" is the cost of the lookup alone.
+PING_BODY = b'{"pong":true}'
+_PING_HEADERS = internals.constant_headers({
+    "content-type": JSON_TYPE, "X-Cache": "constant", "Cache-Control": "no-cache",
+    "Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": READ_EXPOSE})
+
+
+@bp.get("/ping", name="ping")
+@doc("ping")
+async def ping(request: Request) -> HTTPResponse:
+    return internals.PreEncodedResponse(PING_BODY, '"0"', _PING_HEADERS, JSON_TYPE)
+
+
 @bp.get("/ready", name="ready")
 @doc("ready")
 async def ready(request: Request) -> HTTPResponse:

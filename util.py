@@ -68,7 +68,7 @@ class Settings:
     statement_cache_size: int = 100  # asyncpg's default; 0 behind PgBouncer < 1.21 (transaction)
     heartbeat_s: float = 0.4
     heartbeat_timeout_s: float = 1.4
-    access_log: bool = True
+    access_log: bool = False  # as Sanic's own default; /metrics counts every request
     log_format: str = "text"
     profile: bool = False
     # XRATES_<SOURCE>_HISTORY_URL: like source_urls, for backfill requests (omitted from repr:
@@ -232,7 +232,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         statement_cache_size=_int(env, "XRATES_STATEMENT_CACHE_SIZE", 100),
         heartbeat_s=_float(env, "XRATES_HEARTBEAT_INTERVAL", 0.4, 0.01),
         heartbeat_timeout_s=_float(env, "XRATES_HEARTBEAT_TIMEOUT", 1.4, 0.05),
-        access_log=_bool(env, "XRATES_ACCESS_LOG", True),
+        access_log=_bool(env, "XRATES_ACCESS_LOG", False),
         log_format=log_format,
         profile=_bool(env, "XRATES_PROFILE", False),
         stream_queue=_int(env, "XRATES_STREAM_QUEUE", 256, 1),
