@@ -1,7 +1,7 @@
 # xrates: one image for every process. The command picks the role:
 #   API (default)  python sanic_app.py --host 0.0.0.0 --port 8000 --workers 1
 #   updater        python updater.py           (healthcheck: python updater.py --check)
-#   migrate        python util.py migrate      (one-shot, before API and updaters start)
+#   migrate        python admin.py migrate      (one-shot, before API and updaters start)
 # Set DATABASE_URL (and XRATES_AUTO_MIGRATE=0 when a migrate step runs); see docs/operations.md.
 FROM python:3.11-slim
 

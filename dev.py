@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     os.chdir(ROOT)
     if command == "up":
-        args = [str(PYTHON), "util.py", "up", *argv[1:]]
+        args = [str(PYTHON), "admin.py", "up", *argv[1:]]
     else:
         for check in (["-m", "ruff", "check", "."], ["-m", "mypy"]):
             print(f"dev.py: {' '.join(check[1:])}", flush=True)

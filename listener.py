@@ -24,7 +24,7 @@ Rules (each with its test in tests/test_listener.py unless said):
 Message format (``CHANNEL``; triggers.sql writes it, every payload unique within a transaction):
 - ``{"op":"u","rows":[[key, version, rate_text, source, as_of, updated_at], ...]}``
 - ``{"op":"d","rows":[[key, version], ...]}`` (``version``: the delete's tombstone)
-- ``{"op":"flush", ...}``: forget everything (TRUNCATE, or ``python util.py flush``)
+- ``{"op":"flush", ...}``: forget everything (TRUNCATE, or ``python admin.py flush``)
 Heartbeats (own channel): ``{"n": number, "t": unix time sent}``.
 """
 

@@ -87,7 +87,7 @@ DELETE_MANUAL_HISTORY = (
     "AND day = ($3::timestamptz AT TIME ZONE 'UTC')::date"
 )
 NOTIFY = "SELECT pg_notify($1, $2)"
-# `python util.py flush`: every instance forgets its cache (listener.py, op "flush"). For writes
+# `python admin.py flush`: every instance forgets its cache (listener.py, op "flush"). For writes
 # that bypassed the notify triggers (session_replication_role = replica, DISABLE TRIGGER). The
 # fresh version keeps the payload unique (PostgreSQL folds identical payloads of a transaction).
 FLUSH_CACHES = (
@@ -1002,7 +1002,7 @@ async def insert_backfill_run(conn: asyncpg.Connection, runner: str,
 
 
 async def has_history(conn: asyncpg.Connection, source: str) -> bool:
-    """Whether ``source`` has any history yet (util.py up: the demo backfill runs once)."""
+    """Whether ``source`` has any history yet (admin.py up: the demo backfill runs once)."""
     return await conn.fetchval(HAS_HISTORY, source)
 
 

@@ -1,4 +1,4 @@
-"""`python util.py flush`: the operator's way to empty every cache after writes that bypassed
+"""`python admin.py flush`: the operator's way to empty every cache after writes that bypassed
 the notify triggers (a real subprocess against a real instance)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ async def _serves(api: ApiProcess, rate: float, how: str | None = None) -> bool:
 def _flush(db_url: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
     env["DATABASE_URL"] = db_url
-    return subprocess.run([sys.executable, "util.py", "flush"], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "admin.py", "flush"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=30)
 
 

@@ -74,7 +74,7 @@ def test_bad_values_are_rejected_with_the_name(name: str, value: str) -> None:
 
 
 @pytest.mark.parametrize("script", [["sanic_app.py"], ["updater.py", "--once"],
-                                    ["util.py", "migrate"]])
+                                    ["admin.py", "migrate"]])
 def test_processes_stop_at_start_with_one_line_and_exit_2(script: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XRATES_")}
     env.update({"XRATES_CACHE_SIZE": "-5", "DATABASE_URL": "postgresql://127.0.0.1:9/x"})

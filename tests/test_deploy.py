@@ -111,9 +111,9 @@ def help_flags(script: str, *subcommand: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", cli_help(script, *subcommand)))
 
 
-def util_subcommands() -> set[str]:
-    match = re.search(r"\{([a-z,-]+)\}", cli_help("util.py"))
-    assert match, cli_help("util.py")
+def admin_subcommands() -> set[str]:
+    match = re.search(r"\{([a-z,-]+)\}", cli_help("admin.py"))
+    assert match, cli_help("admin.py")
     return set(match.group(1).split(","))
 
 
@@ -321,9 +321,9 @@ def command_problems(argv: list[str], where: str) -> list[str]:
     if dockerignored(script):
         problems.append(f"{where}: {script} is excluded from the image by .dockerignore")
     subcommand: tuple[str, ...] = ()
-    if script == "util.py":
-        if not rest or rest[0] not in util_subcommands():
-            return [*problems, f"{where}: util.py needs one of {sorted(util_subcommands())}"]
+    if script == "admin.py":
+        if not rest or rest[0] not in admin_subcommands():
+            return [*problems, f"{where}: admin.py needs one of {sorted(admin_subcommands())}"]
         subcommand, rest = (rest[0],), rest[1:]
     flags = help_flags(script, *subcommand)
     for token in rest:
@@ -376,9 +376,9 @@ def test_commands_name_real_files_and_flags() -> None:
             continue  # test_updater_commands
         problems += command_problems(argv, where)
     assert not problems, "\n".join(problems)
-    assert service_command("migrate") == ["python", "util.py", "migrate"]
+    assert service_command("migrate") == ["python", "admin.py", "migrate"]
     assert [argv for where, argv in all_commands() if where == "k8s Job/xrates-migrate"] == [
-        ["python", "util.py", "migrate"]]
+        ["python", "admin.py", "migrate"]]
 
 
 def test_updater_commands() -> None:

@@ -16,6 +16,7 @@ from conftest import ROOT
 from recorded_feeds import payload, upstream  # noqa: F401 - fixture
 from test_updater import make_updater  # noqa: F401 - fixture
 
+import admin
 import model
 import util
 from updater import backfill_window, demo_history
@@ -236,16 +237,16 @@ def test_demo_history_is_deterministic_daily() -> None:
 
 async def test_up_backfills_the_demo_once(db_url, sql) -> None:
     settings = util.load_settings({"DATABASE_URL": db_url, "XRATES_AUTO_MIGRATE": "0"})
-    await util.backfill_demo_once(db_url, settings)
+    await admin.backfill_demo_once(db_url, settings)
     rows = await history(sql, "demo")
     assert len({r["day"] for r in rows}) == 90
-    await util.backfill_demo_once(db_url, settings)  # has history: no second run
+    await admin.backfill_demo_once(db_url, settings)  # has history: no second run
     assert await sql.fetchval("SELECT count(*) FROM update_run WHERE trigger = 'backfill'") == 1
 
 
 async def test_demo_history_serves_the_history_route(db_url, sql, start_api) -> None:
     settings = util.load_settings({"DATABASE_URL": db_url, "XRATES_AUTO_MIGRATE": "0"})
-    await util.backfill_demo_once(db_url, settings)
+    await admin.backfill_demo_once(db_url, settings)
     api = await start_api(db_url)
     today = datetime.now(UTC).date()
     response = await api.client.get("/v1/rates/USD/EUR/history",
