@@ -661,6 +661,23 @@ def median_of(runs: Sequence[dict[str, Any]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
+def propagation_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The medians over runs of ``Bench.propagation_run`` (each part's p50, p99 and max)."""
+
+    def med(part: str, key: str) -> float:
+        return statistics.median(r[part][key] for r in runs)
+
+    return {
+        "runs": list(runs),
+        "floor": {k: med("floor", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+        "after_ack": {k: med("after_ack", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+        "after_send": {k: med("after_send", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+        "write": {k: med("write", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+        "p99_vs_floor_p99": median_of(runs, "p99_vs_floor_p99"),
+        "first_poll_fraction": median_of(runs, "first_poll_fraction"),
+    }
+
+
 class StreamWatch:
     """This process's own listener on the rate channel: which row of a bulk write arrives last.
 
@@ -1038,65 +1055,60 @@ class Bench:
         config = self.config
         self.say(f"propagation: {config.repeats} x ({config.floor_samples} raw NOTIFY, "
                  f"{config.propagation_samples} writes on A read on B)")
-        path = rate_path(self.propagation_pair)
-        runs = []
         writer, reader = a.conn(), b.conn()
         try:
-            for run in range(config.repeats):
-                floor = asyncio.run(self._floor(config.floor_samples))
-                after_ack, after_send, writes, first_poll, not_hit = [], [], [], 0, 0
-                for i in range(config.propagation_samples):
-                    body = json.dumps({"rate": f"1.{1000 + (run * 1000 + i) % 9000:04d}"}).encode()
-                    data = writer.request_bytes("PUT", path, body, {"Content-Type": "application/json"})
-                    t_send = time.perf_counter()
-                    writer.send(data)
-                    status, headers, _ = writer.read(1)[0]
-                    t_ack = time.perf_counter()
-                    if status not in (200, 201):
-                        raise RuntimeError(f"propagation: PUT on A answered {status}")
-                    version = version_of(headers)
-                    polls = 0
-                    while True:
-                        polls += 1
-                        _, seen, _ = reader.call("GET", path)
-                        if version_of(seen) >= version:
-                            t_seen = time.perf_counter()
-                            break
-                        if time.perf_counter() - t_ack > 5:
-                            raise RuntimeError("propagation: B did not serve the write within 5 s")
-                    after_ack.append(t_seen - t_ack)
-                    after_send.append(t_seen - t_send)
-                    writes.append(t_ack - t_send)
-                    first_poll += polls == 1
-                    not_hit += seen.get("x-cache") != "hit"
-                result: dict[str, Any] = {
-                          "floor": summary_ms(floor), "after_ack": summary_ms(after_ack),
-                          "after_send": summary_ms(after_send), "write": summary_ms(writes),
-                          "first_poll_fraction": first_poll / len(after_ack), "not_hit": not_hit}
-                result["p99_vs_floor_p99"] = result["after_ack"]["p99_ms"] / result["floor"]["p99_ms"]
-                runs.append(result)
-                self.say(f"  run {run + 1}: floor p50/p99 {result['floor']['p50_ms']:.3f}/"
-                         f"{result['floor']['p99_ms']:.3f} ms; propagation p50/p99/max "
-                         f"{result['after_ack']['p50_ms']:.3f}/{result['after_ack']['p99_ms']:.3f}/"
-                         f"{result['after_ack']['max_ms']:.3f} ms after A's ack")
+            runs = [self.propagation_run(writer, reader, run, f"run {run + 1}")
+                    for run in range(config.repeats)]
         finally:
             writer.close()
             reader.close()
         if any(r["not_hit"] for r in runs):
             self.notes.append("propagation: some reads on B were not cache hits")
+        return propagation_summary(runs)
 
-        def med(part: str, key: str) -> float:
-            return statistics.median(r[part][key] for r in runs)
-
-        return {
-            "runs": runs,
-            "floor": {k: med("floor", k) for k in ("p50_ms", "p99_ms", "max_ms")},
-            "after_ack": {k: med("after_ack", k) for k in ("p50_ms", "p99_ms", "max_ms")},
-            "after_send": {k: med("after_send", k) for k in ("p50_ms", "p99_ms", "max_ms")},
-            "write": {k: med("write", k) for k in ("p50_ms", "p99_ms", "max_ms")},
-            "p99_vs_floor_p99": median_of(runs, "p99_vs_floor_p99"),
-            "first_poll_fraction": median_of(runs, "first_poll_fraction"),
-        }
+    def propagation_run(self, writer: HttpConn, reader: HttpConn, serial: int,
+                        label: str) -> dict[str, Any]:
+        """One run of the propagation figure: the floor, then ``propagation_samples`` PUTs on
+        A's connection (``writer``), each read on B's (``reader``) until B serves it. ``serial``
+        varies the written rates from run to run; ``label`` names the run in the progress line."""
+        config = self.config
+        path = rate_path(self.propagation_pair)
+        floor = asyncio.run(self._floor(config.floor_samples))
+        after_ack, after_send, writes, first_poll, not_hit = [], [], [], 0, 0
+        for i in range(config.propagation_samples):
+            body = json.dumps({"rate": f"1.{1000 + (serial * 1000 + i) % 9000:04d}"}).encode()
+            data = writer.request_bytes("PUT", path, body, {"Content-Type": "application/json"})
+            t_send = time.perf_counter()
+            writer.send(data)
+            status, headers, _ = writer.read(1)[0]
+            t_ack = time.perf_counter()
+            if status not in (200, 201):
+                raise RuntimeError(f"propagation: PUT on A answered {status}")
+            version = version_of(headers)
+            polls = 0
+            while True:
+                polls += 1
+                _, seen, _ = reader.call("GET", path)
+                if version_of(seen) >= version:
+                    t_seen = time.perf_counter()
+                    break
+                if time.perf_counter() - t_ack > 5:
+                    raise RuntimeError("propagation: B did not serve the write within 5 s")
+            after_ack.append(t_seen - t_ack)
+            after_send.append(t_seen - t_send)
+            writes.append(t_ack - t_send)
+            first_poll += polls == 1
+            not_hit += seen.get("x-cache") != "hit"
+        result: dict[str, Any] = {
+            "floor": summary_ms(floor), "after_ack": summary_ms(after_ack),
+            "after_send": summary_ms(after_send), "write": summary_ms(writes),
+            "first_poll_fraction": first_poll / len(after_ack), "not_hit": not_hit}
+        result["p99_vs_floor_p99"] = result["after_ack"]["p99_ms"] / result["floor"]["p99_ms"]
+        self.say(f"  {label}: floor p50/p99 {result['floor']['p50_ms']:.3f}/"
+                 f"{result['floor']['p99_ms']:.3f} ms; propagation p50/p99/max "
+                 f"{result['after_ack']['p50_ms']:.3f}/{result['after_ack']['p99_ms']:.3f}/"
+                 f"{result['after_ack']['max_ms']:.3f} ms after A's ack")
+        return result
 
     async def _floor(self, samples: int) -> list[float]:
         """Raw asyncpg: SELECT pg_notify on one connection -> callback on another."""

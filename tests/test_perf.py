@@ -174,6 +174,24 @@ def test_the_benchmark_talks_to_loopback_only() -> None:
         perf.HttpConn("10.0.0.1", 80)
 
 
+def _propagation_run(floor_p99: float, after_p99: float, first_poll: float) -> dict[str, object]:
+    part = {"p50_ms": after_p99 / 2, "p99_ms": after_p99, "max_ms": after_p99 * 2}
+    return {"floor": {"p50_ms": floor_p99 / 2, "p99_ms": floor_p99, "max_ms": floor_p99 * 2},
+            "after_ack": part, "after_send": part, "write": part, "not_hit": 0,
+            "first_poll_fraction": first_poll, "p99_vs_floor_p99": after_p99 / floor_p99}
+
+
+def test_propagation_summary_takes_the_median_of_each_figure_over_runs() -> None:
+    runs = [_propagation_run(0.2, 0.6, 0.9), _propagation_run(0.1, 0.5, 0.7),
+            _propagation_run(0.4, 2.0, 0.8)]
+    summary = perf.propagation_summary(runs)
+    assert summary["floor"] == {"p50_ms": 0.1, "p99_ms": 0.2, "max_ms": 0.4}
+    assert summary["after_ack"]["p99_ms"] == 0.6  # the median run, not the mean (1.03)
+    assert summary["first_poll_fraction"] == 0.8
+    assert summary["p99_vs_floor_p99"] == pytest.approx(5.0)
+    assert summary["runs"] == runs
+
+
 # --------------------------------------------------------------------------- CLI
 def test_bench_help_runs() -> None:
     out = subprocess.run([sys.executable, "perf.py", "bench", "--help"], cwd=ROOT,
