@@ -571,6 +571,20 @@ class Api(processes.ApiServer):
         self.stop_process()
 
 
+async def served_at(api: Api, path: str, version: int) -> float:
+    """When (perf_counter) ``api`` first serves ``version`` (or later) of ``path``: reads it
+    again and again, on one connection (bound it with asyncio.wait_for)."""
+    client = await AsyncHttpConn("127.0.0.1", api.port).open()
+    data = request_bytes(f"127.0.0.1:{api.port}", "GET", path)
+    try:
+        while True:
+            ((_, headers, _),) = await client.batch(data, 1)
+            if version_of(headers) >= version:
+                return time.perf_counter()
+    finally:
+        await client.close()
+
+
 RYW_OUTCOMES = ("cached", "waited", "database")
 
 
@@ -1275,17 +1289,6 @@ class Bench:
         payload (instances apply payloads in arrival order, the order this process's own
         listener sees), and the longest stall that paced /health probes saw meanwhile."""
 
-        async def served(api: Api, path: str, version: int) -> float:
-            client = await AsyncHttpConn("127.0.0.1", api.port).open()
-            data = request_bytes(f"127.0.0.1:{api.port}", "GET", path)
-            try:
-                while True:
-                    ((_, headers, _),) = await client.batch(data, 1)
-                    if version_of(headers) >= version:
-                        return time.perf_counter()
-            finally:
-                await client.close()
-
         probes = [StallProbe(api.port, PROBE_INTERVAL_S) for api in apis]
         for probe in probes:
             probe.start()
@@ -1304,7 +1307,7 @@ class Bench:
             await transaction.commit()
             key, version = await asyncio.wait_for(watch.last_row(), 10)
             seen = await asyncio.wait_for(asyncio.gather(
-                *(served(api, f"/v1/rates/{key[:3]}/{key[3:]}", version) for api in apis)), 10)
+                *(served_at(api, f"/v1/rates/{key[:3]}/{key[3:]}", version) for api in apis)), 10)
         finally:
             for probe in probes:
                 probe.stop()
