@@ -390,13 +390,33 @@ TARGETS = {
     "memory_bytes_per_rate": "<= 1024",
     "stream_p99_ms": "p99 <= 50 ms",
     "miss_p50_ms": "<= 1.0 ms",
+    "scale_propagation_p99_ms": "<= 5 ms",  # with SCALE_LISTENERS[-1] listeners
 }
 PHASES = ("miss", "handler", "wrk", "alternating", "propagation", "bulk", "history", "ryw",
-          "streams", "memory")
+          "scale", "streams", "memory")
 # The ceiling: a constant answer sent exactly as a hit is (pre-encoded, same middleware), so
 # hit / ceiling is the lookup's own cost. /health (Sanic encodes its headers) is a second one.
 CEILING_PATH = "/ping"
 HEALTH_PATH = "/health"
+# Scale: LISTEN connections on the rate channel. The phase's two API instances count (each
+# has its feed's one); 2 is the fewest, as the propagation figure needs both. The others are
+# ExtraListeners.
+SCALE_LISTENERS = (2, 20, 100)
+SCALE_WRITERS = 4  # connections committing in parallel for the notifying-commit ceiling
+SCALE_KEYS = slice(3000, 3100)  # pairs the ceiling updates (no other phase writes them)
+SCALE_LISTENER_NAME = "xrates-bench-listener"  # application_name of the extra listeners
+# One row, one statement, one transaction: one commit that sends one NOTIFY (rate triggers).
+SCALE_WRITE = "UPDATE rate SET rate = $3 WHERE base = $1 AND quote = $2 RETURNING version"
+# Client connections by backend ID, the order in which PostgreSQL signals its listeners.
+SCALE_CONNECTIONS = (
+    "WITH client AS (SELECT s.id, a.application_name AS app "
+    "FROM pg_stat_get_backend_idset() AS s(id) JOIN pg_stat_activity AS a "
+    "ON a.pid = pg_stat_get_backend_pid(s.id) WHERE a.backend_type = 'client backend') "
+    "SELECT count(*) FILTER (WHERE app = $1) AS api_listeners, count(*) AS clients, "
+    "current_setting('max_connections')::int AS max_connections, "
+    "coalesce(max(id) FILTER (WHERE app = $1) > max(id) FILTER (WHERE app = $2), true) AS api_last "
+    "FROM client"
+)
 FLOOR_CHANNEL = "xrates_bench_floor"  # a channel no API instance listens on
 PROBE_INTERVAL_S = 0.0005  # pace of the event-loop stall probes during bulk rounds
 BENCH_DB = "xrates_bench"
@@ -472,12 +492,13 @@ class BenchConfig:
     streams: int = 1000  # concurrent GET /v1/stream on one worker (its default cap)
     stream_rounds: int = 10
     ryw_samples: int = 200
+    scale_ceiling_s: float = 3.0  # each notifying-commit ceiling run
 
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(wrk_s=2.0, alternate_control_s=1.5, alternate_hit_s=2.5, miss_samples=60,
                    propagation_samples=60, floor_samples=60, bulk_rounds=5, streams=300,
-                   stream_rounds=5, ryw_samples=60)
+                   stream_rounds=5, ryw_samples=60, scale_ceiling_s=1.5)
 
 
 class Pinning:
@@ -574,6 +595,20 @@ class Api(processes.ApiServer):
         self.stop_process()
 
 
+async def served_at(api: Api, path: str, version: int) -> float:
+    """When (perf_counter) ``api`` first serves ``version`` (or later) of ``path``: reads it
+    again and again, on one connection (bound it with asyncio.wait_for)."""
+    client = await AsyncHttpConn("127.0.0.1", api.port).open()
+    data = request_bytes(f"127.0.0.1:{api.port}", "GET", path)
+    try:
+        while True:
+            ((_, headers, _),) = await client.batch(data, 1)
+            if version_of(headers) >= version:
+                return time.perf_counter()
+    finally:
+        await client.close()
+
+
 RYW_OUTCOMES = ("cached", "waited", "database")
 
 
@@ -662,6 +697,206 @@ def summary_ms(values_s: Sequence[float]) -> dict[str, float]:
 
 def median_of(runs: Sequence[dict[str, Any]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
+
+
+def propagation_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The medians over runs of ``Bench.propagation_run`` (each part's p50, p99 and max)."""
+
+    def med(part: str, key: str) -> float:
+        return statistics.median(r[part][key] for r in runs)
+
+    return {
+        "runs": list(runs),
+        "floor": {k: med("floor", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+        "after_ack": {k: med("after_ack", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+        "after_send": {k: med("after_send", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+        "write": {k: med("write", k) for k in ("p50_ms", "p99_ms", "max_ms")},
+        "p99_vs_floor_p99": median_of(runs, "p99_vs_floor_p99"),
+        "first_poll_fraction": median_of(runs, "first_poll_fraction"),
+    }
+
+
+class ExtraListeners:
+    """``count`` plain asyncpg connections to the benchmark's database, in a child process
+    (its own interpreter: their callbacks never hold the driver's GIL while it times
+    something; it inherits the driver's CPUs, the load side's). ``listen(n)`` makes the first
+    ``n`` LISTEN on ``channel`` and the others UNLISTEN; a callback only counts. ``close()``
+    closes every connection and ends the child (by its PID if it does not answer)."""
+
+    def __init__(self, url: str, channel: str, count: int) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no copy of the driver's state
+        self._pipe, child_end = context.Pipe()
+        self.process = context.Process(target=_listeners_main, args=(url, channel, count, child_end),
+                                       name="xrates-bench-listeners", daemon=True)
+        self.process.start()
+        child_end.close()
+        self.count = count
+        self.listening = 0
+
+    def connected(self, timeout_s: float = 60.0) -> None:
+        """Wait until all ``count`` connections are open."""
+        self.reply(timeout_s)
+
+    def listen(self, n: int) -> None:
+        self.listening = self.call("listen", n)
+
+    def mark(self) -> None:
+        """From now on, ``caught_up`` counts notifications."""
+        self.call("mark")
+
+    def send(self, command: str, arg: Any = 0) -> None:
+        self._pipe.send((command, arg))
+
+    def reply(self, timeout_s: float = 60.0) -> Any:
+        if not self._pipe.poll(timeout_s):
+            raise RuntimeError(f"scale: the listener process did not answer within {timeout_s:g} s")
+        status, value = self._pipe.recv()
+        if status != "ok":
+            raise RuntimeError(f"scale: the listener process failed: {value}")
+        return value
+
+    def call(self, command: str, arg: Any = 0, timeout_s: float = 60.0) -> Any:
+        self.send(command, arg)
+        return self.reply(timeout_s)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, EOFError, RuntimeError):  # it may have died already
+            if self.process.is_alive():
+                self.call("stop", timeout_s=15)
+        self.process.join(5)
+        if self.process.is_alive():  # SIGTERM, then SIGKILL, to its PID: its sockets close
+            self.process.terminate()
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+        self._pipe.close()
+
+
+def _listeners_main(url: str, channel: str, count: int, pipe: Any) -> None:
+    """The child process of ``ExtraListeners``. Ctrl-C is the parent's to handle: it stops us."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(_serve_listeners(url, channel, count, pipe))
+
+
+async def _serve_listeners(url: str, channel: str, count: int, pipe: Any) -> None:
+    """Open ``count`` connections, answer "ok" and then each command with ("ok", value):
+    listen n, mark, wait (expected, timeout_s), until stop (or the parent's end of the pipe
+    closes). A failure is answered with ("error", what)."""
+    import asyncpg
+
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            commands.put_nowait(pipe.recv())
+        except EOFError:  # the parent is gone
+            loop.remove_reader(pipe.fileno())
+            commands.put_nowait(("stop", 0))
+
+    loop.add_reader(pipe.fileno(), readable)
+    counts = NotificationCounts(count)
+    callbacks = [counts.callback(i) for i in range(count)]
+    conns: list[Any] = []
+    try:
+        for _ in range(count):
+            conns.append(await asyncpg.connect(
+                url, server_settings={"application_name": SCALE_LISTENER_NAME}))
+        pipe.send(("ok", count))
+        listening = 0
+        while (command := await commands.get())[0] != "stop":
+            name, arg = command
+            if name == "listen":
+                for i in range(min(listening, arg), max(listening, arg)):
+                    if i < arg:
+                        await conns[i].add_listener(channel, callbacks[i])
+                    else:
+                        await conns[i].remove_listener(channel, callbacks[i])
+                listening = arg
+                pipe.send(("ok", listening))
+            elif name == "mark":
+                counts.mark()
+                pipe.send(("ok", 0))
+            elif name == "wait":
+                pipe.send(("ok", await counts.caught_up(listening, *arg)))
+            else:
+                raise ValueError(f"unknown command {name!r}")
+    except Exception as exc:  # told to the parent, which raises it
+        with contextlib.suppress(OSError):
+            pipe.send(("error", repr(exc)))
+        return
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(pipe.fileno())
+        for conn in conns:
+            try:
+                await conn.close(timeout=5)
+            except Exception:  # a broken connection: drop its socket
+                conn.terminate()
+    with contextlib.suppress(OSError):
+        pipe.send(("ok", 0))  # stopped: every connection is closed
+
+
+class NotificationCounts:
+    """Notifications received per connection (``callback(i)`` counts connection i's), and a
+    wait until each of the first connections has ``expected`` more than at ``mark()``. A
+    notification costs one increment and one comparison, whatever the number of connections."""
+
+    def __init__(self, count: int) -> None:
+        self.received = [0] * count
+        self.baseline = [0] * count
+        self._target = [-1] * count  # the count that makes connection i caught up (-1: none)
+        self._behind = 0
+        self._done = asyncio.Event()
+
+    def callback(self, index: int) -> Callable[..., None]:
+        return functools.partial(self._count, index)
+
+    def _count(self, index: int, *_notification: Any) -> None:
+        self.received[index] += 1
+        if self.received[index] == self._target[index]:
+            self._behind -= 1
+            if self._behind == 0:
+                self._done.set()
+
+    def mark(self) -> None:
+        self.baseline = list(self.received)
+
+    def increase(self, listening: int) -> int:
+        """The fewest notifications any of the first ``listening`` connections got since the
+        mark (0 if there are none)."""
+        return min((self.received[i] - self.baseline[i] for i in range(listening)), default=0)
+
+    async def caught_up(self, listening: int, expected: int, timeout_s: float) -> int:
+        """Wait (<= ``timeout_s``) until each of the first ``listening`` connections has
+        ``expected`` notifications more than at the mark; then ``increase`` (``expected``
+        when no connection listens)."""
+        self._target = [b + expected if i < listening else -1 for i, b in enumerate(self.baseline)]
+        self._behind = sum(self.received[i] < self._target[i] for i in range(listening))
+        self._done.clear()
+        try:
+            if self._behind:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done.wait(), timeout_s)
+        finally:
+            self._target = [-1] * len(self.received)
+        return self.increase(listening) if listening else expected
+
+
+async def commit_until(conn: Any, keys: Sequence[tuple[str, str]], writer: int,
+                       stop_at: float) -> tuple[int, tuple[tuple[str, str], int] | None]:
+    """Commit SCALE_WRITE on ``keys`` in turn until ``stop_at`` (perf_counter): the number
+    of commits and the last (pair, version) written."""
+    commits, last = 0, None
+    while time.perf_counter() < stop_at:
+        pair = keys[commits % len(keys)]
+        rate = Decimal(f"3.{writer}{commits % 1_000_000:06d}")
+        last = (pair, await conn.fetchval(SCALE_WRITE, pair[0], pair[1], rate))
+        commits += 1
+    return commits, last
 
 
 class StreamWatch:
@@ -808,6 +1043,8 @@ class Bench:
         if "ryw" in phases:
             self.results["ryw"] = self.measure_ryw(a, b)
         self.stop_apis([a, b])
+        if "scale" in phases:
+            self.results["scale"] = self.measure_scale()
         if "streams" in phases:
             raise_open_files_limit()  # inherited by the instance started next
             (s,) = self.start_apis([("S", {})])
@@ -1047,65 +1284,60 @@ class Bench:
         config = self.config
         self.say(f"propagation: {config.repeats} x ({config.floor_samples} raw NOTIFY, "
                  f"{config.propagation_samples} writes on A read on B)")
-        path = rate_path(self.propagation_pair)
-        runs = []
         writer, reader = a.conn(), b.conn()
         try:
-            for run in range(config.repeats):
-                floor = asyncio.run(self._floor(config.floor_samples))
-                after_ack, after_send, writes, first_poll, not_hit = [], [], [], 0, 0
-                for i in range(config.propagation_samples):
-                    body = json.dumps({"rate": f"1.{1000 + (run * 1000 + i) % 9000:04d}"}).encode()
-                    data = writer.request_bytes("PUT", path, body, {"Content-Type": "application/json"})
-                    t_send = time.perf_counter()
-                    writer.send(data)
-                    status, headers, _ = writer.read(1)[0]
-                    t_ack = time.perf_counter()
-                    if status not in (200, 201):
-                        raise RuntimeError(f"propagation: PUT on A answered {status}")
-                    version = version_of(headers)
-                    polls = 0
-                    while True:
-                        polls += 1
-                        _, seen, _ = reader.call("GET", path)
-                        if version_of(seen) >= version:
-                            t_seen = time.perf_counter()
-                            break
-                        if time.perf_counter() - t_ack > 5:
-                            raise RuntimeError("propagation: B did not serve the write within 5 s")
-                    after_ack.append(t_seen - t_ack)
-                    after_send.append(t_seen - t_send)
-                    writes.append(t_ack - t_send)
-                    first_poll += polls == 1
-                    not_hit += seen.get("x-cache") != "hit"
-                result: dict[str, Any] = {
-                          "floor": summary_ms(floor), "after_ack": summary_ms(after_ack),
-                          "after_send": summary_ms(after_send), "write": summary_ms(writes),
-                          "first_poll_fraction": first_poll / len(after_ack), "not_hit": not_hit}
-                result["p99_vs_floor_p99"] = result["after_ack"]["p99_ms"] / result["floor"]["p99_ms"]
-                runs.append(result)
-                self.say(f"  run {run + 1}: floor p50/p99 {result['floor']['p50_ms']:.3f}/"
-                         f"{result['floor']['p99_ms']:.3f} ms; propagation p50/p99/max "
-                         f"{result['after_ack']['p50_ms']:.3f}/{result['after_ack']['p99_ms']:.3f}/"
-                         f"{result['after_ack']['max_ms']:.3f} ms after A's ack")
+            runs = [self.propagation_run(writer, reader, run, f"run {run + 1}")
+                    for run in range(config.repeats)]
         finally:
             writer.close()
             reader.close()
         if any(r["not_hit"] for r in runs):
             self.notes.append("propagation: some reads on B were not cache hits")
+        return propagation_summary(runs)
 
-        def med(part: str, key: str) -> float:
-            return statistics.median(r[part][key] for r in runs)
-
-        return {
-            "runs": runs,
-            "floor": {k: med("floor", k) for k in ("p50_ms", "p99_ms", "max_ms")},
-            "after_ack": {k: med("after_ack", k) for k in ("p50_ms", "p99_ms", "max_ms")},
-            "after_send": {k: med("after_send", k) for k in ("p50_ms", "p99_ms", "max_ms")},
-            "write": {k: med("write", k) for k in ("p50_ms", "p99_ms", "max_ms")},
-            "p99_vs_floor_p99": median_of(runs, "p99_vs_floor_p99"),
-            "first_poll_fraction": median_of(runs, "first_poll_fraction"),
-        }
+    def propagation_run(self, writer: HttpConn, reader: HttpConn, serial: int,
+                        label: str) -> dict[str, Any]:
+        """One run of the propagation figure: the floor, then ``propagation_samples`` PUTs on
+        A's connection (``writer``), each read on B's (``reader``) until B serves it. ``serial``
+        varies the written rates from run to run; ``label`` names the run in the progress line."""
+        config = self.config
+        path = rate_path(self.propagation_pair)
+        floor = asyncio.run(self._floor(config.floor_samples))
+        after_ack, after_send, writes, first_poll, not_hit = [], [], [], 0, 0
+        for i in range(config.propagation_samples):
+            body = json.dumps({"rate": f"1.{1000 + (serial * 1000 + i) % 9000:04d}"}).encode()
+            data = writer.request_bytes("PUT", path, body, {"Content-Type": "application/json"})
+            t_send = time.perf_counter()
+            writer.send(data)
+            status, headers, _ = writer.read(1)[0]
+            t_ack = time.perf_counter()
+            if status not in (200, 201):
+                raise RuntimeError(f"propagation: PUT on A answered {status}")
+            version = version_of(headers)
+            polls = 0
+            while True:
+                polls += 1
+                _, seen, _ = reader.call("GET", path)
+                if version_of(seen) >= version:
+                    t_seen = time.perf_counter()
+                    break
+                if time.perf_counter() - t_ack > 5:
+                    raise RuntimeError("propagation: B did not serve the write within 5 s")
+            after_ack.append(t_seen - t_ack)
+            after_send.append(t_seen - t_send)
+            writes.append(t_ack - t_send)
+            first_poll += polls == 1
+            not_hit += seen.get("x-cache") != "hit"
+        result: dict[str, Any] = {
+            "floor": summary_ms(floor), "after_ack": summary_ms(after_ack),
+            "after_send": summary_ms(after_send), "write": summary_ms(writes),
+            "first_poll_fraction": first_poll / len(after_ack), "not_hit": not_hit}
+        result["p99_vs_floor_p99"] = result["after_ack"]["p99_ms"] / result["floor"]["p99_ms"]
+        self.say(f"  {label}: floor p50/p99 {result['floor']['p50_ms']:.3f}/"
+                 f"{result['floor']['p99_ms']:.3f} ms; propagation p50/p99/max "
+                 f"{result['after_ack']['p50_ms']:.3f}/{result['after_ack']['p99_ms']:.3f}/"
+                 f"{result['after_ack']['max_ms']:.3f} ms after A's ack")
+        return result
 
     async def _floor(self, samples: int) -> list[float]:
         """Raw asyncpg: SELECT pg_notify on one connection -> callback on another."""
@@ -1171,6 +1403,129 @@ class Bench:
             self.notes.append(f"ryw: {older} reads on B were older than the write (a bug)")
         self.say(f"  outcomes {outcomes}; read p50/p99 {summary_ms(times)}")
         return {**summary_ms(times), "outcomes": outcomes, "older": older, "samples": n}
+
+    # -- scale: propagation and notifying commits with many listeners -------------------
+    def measure_scale(self) -> dict[str, Any]:
+        """With each of SCALE_LISTENERS listening connections on the rate channel (the feeds of
+        two instances of its own, A and B, then ExtraListeners): one propagation run as in
+        ``measure_propagation`` and one run of the notifying-commit ceiling (``_commit_ceiling``).
+        The runs alternate the listener counts, so the drift of a busy machine spreads over all
+        of them. A and B start after the extra connections: PostgreSQL signals listeners in
+        backend-ID order, so B's feed is signalled last."""
+        import model
+
+        config = self.config
+        self.say(f"scale: {config.repeats} x ({'/'.join(map(str, SCALE_LISTENERS))} listeners: "
+                 f"{config.propagation_samples} writes on A read on B, then {SCALE_WRITERS} "
+                 f"connections commit single-row UPDATEs for {config.scale_ceiling_s:g} s)")
+        extra = ExtraListeners(self.url, model.CHANNEL, max(SCALE_LISTENERS) - 2)
+        apis: list[Api] = []
+        try:
+            extra.connected()
+            apis = self.start_apis([("scale-A", {}), ("scale-B", {})])
+            self.say(f"  API A :{apis[0].port} and B :{apis[1].port}, started after "
+                     f"{extra.count} extra connections")
+            connections = asyncio.run(self._scale_connections(len(apis)))
+            self.say(f"  {connections['clients']} client connections of max_connections "
+                     f"{connections['max_connections']}")
+            result = self._scale_runs(apis, extra)
+        finally:
+            extra.close()
+            self.stop_apis(apis)
+        return {"writers": SCALE_WRITERS, "ceiling_s": config.scale_ceiling_s, **connections,
+                **result}
+
+    def _scale_runs(self, apis: Sequence[Api], extra: ExtraListeners) -> dict[str, Any]:
+        """Every propagation run first (no run after a ceiling's thousands of writes and the
+        autovacuum they may start), then every ceiling run."""
+        config = self.config
+        propagation: dict[int, list[dict[str, Any]]] = {n: [] for n in SCALE_LISTENERS}
+        ceilings: dict[int, list[dict[str, Any]]] = {n: [] for n in SCALE_LISTENERS}
+        writer, reader = apis[0].conn(), apis[1].conn()
+        try:
+            for conn in (writer, reader):  # open each instance's first pool connection
+                conn.call("GET", rate_path(self.propagation_pair))
+            for run, (index, n) in itertools.product(range(config.repeats),
+                                                     enumerate(SCALE_LISTENERS)):
+                extra.listen(n - len(apis))
+                serial = config.repeats + run * len(SCALE_LISTENERS) + index
+                propagation[n].append(self.propagation_run(
+                    writer, reader, serial, f"run {run + 1}, {n} listeners"))
+        finally:
+            writer.close()
+            reader.close()
+        for run, n in itertools.product(range(config.repeats), SCALE_LISTENERS):
+            extra.listen(n - len(apis))
+            ceilings[n].append(ceiling := asyncio.run(self._commit_ceiling(apis, extra)))
+            self.say(f"  run {run + 1}, {n} listeners: {ceiling['commits_per_s']:,.0f} notifying "
+                     f"commits/s; every listener had them {ceiling['catch_up_ms']:.1f} ms after "
+                     "the last")
+        if any(r["not_hit"] for runs in propagation.values() for r in runs):
+            self.notes.append("scale: some reads on B were not cache hits")
+        return {"by_listeners": [
+            {"listeners": n, "propagation": propagation_summary(propagation[n]),
+             "commits_per_s": median_of(ceilings[n], "commits_per_s"),
+             "catch_up_ms": median_of(ceilings[n], "catch_up_ms"), "ceiling_runs": ceilings[n]}
+            for n in SCALE_LISTENERS]}
+
+    async def _scale_connections(self, apis: int) -> dict[str, int]:
+        """Client connections now and max_connections. Checks that each API instance has one
+        listener and notes if an extra listener would hear of a commit after them."""
+        import asyncpg
+
+        import listener
+
+        conn = await asyncpg.connect(self.url)
+        try:
+            row = await conn.fetchrow(SCALE_CONNECTIONS, listener.APPLICATION_NAME,
+                                      SCALE_LISTENER_NAME)
+        finally:
+            await conn.close()
+        if row["api_listeners"] != apis:
+            raise RuntimeError(f"scale: {row['api_listeners']} API listener connections, not {apis}")
+        if not row["api_last"]:
+            self.notes.append("scale: an extra listener has a higher backend ID than B's feed, so "
+                              "B is not the last listener PostgreSQL signals")
+        return {"clients": row["clients"], "max_connections": row["max_connections"]}
+
+    async def _commit_ceiling(self, apis: Sequence[Api], extra: ExtraListeners) -> dict[str, Any]:
+        """SCALE_WRITERS connections commit single-row UPDATEs (each its own transaction: one
+        NOTIFY per commit, through the rate triggers) on disjoint keys for ``scale_ceiling_s``.
+        Then the time from the end until every listener has them all: each extra listener has
+        counted every notification, A and B serve each writer's last row."""
+        import asyncpg
+
+        keys = self.pairs[SCALE_KEYS]
+        conns: list[Any] = []
+        try:
+            for _ in range(SCALE_WRITERS):
+                conns.append(await asyncpg.connect(self.url))
+            extra.mark()
+            started = time.perf_counter()
+            stop_at = started + self.config.scale_ceiling_s
+            done = await asyncio.gather(*(commit_until(conn, keys[w::SCALE_WRITERS], w, stop_at)
+                                          for w, conn in enumerate(conns)))
+            ended = time.perf_counter()
+            commits = sum(n for n, _ in done)
+            extra.send("wait", (commits, 30.0))
+
+            async def extras_caught_up() -> float:
+                got = await asyncio.to_thread(extra.reply, 40.0)
+                if got < commits:
+                    raise RuntimeError(f"scale: an extra listener had {got} of {commits} "
+                                       "notifications 30 s after the last commit")
+                return time.perf_counter()
+
+            lasts = [last for _, last in done if last is not None]
+            seen = await asyncio.wait_for(asyncio.gather(extras_caught_up(), *(
+                served_at(api, rate_path(pair), version) for api in apis for pair, version in lasts)),
+                40)
+        finally:
+            for conn in conns:
+                await conn.close()
+        return {"commits": commits, "seconds": ended - started,
+                "commits_per_s": commits / (ended - started),
+                "catch_up_ms": (max(seen) - ended) * 1000}
 
     # -- change streams -------------------------------------------------------------------
     async def measure_streams(self, api: Api) -> dict[str, Any]:
@@ -1272,17 +1627,6 @@ class Bench:
         payload (instances apply payloads in arrival order, the order this process's own
         listener sees), and the longest stall that paced /health probes saw meanwhile."""
 
-        async def served(api: Api, path: str, version: int) -> float:
-            client = await AsyncHttpConn("127.0.0.1", api.port).open()
-            data = request_bytes(f"127.0.0.1:{api.port}", "GET", path)
-            try:
-                while True:
-                    ((_, headers, _),) = await client.batch(data, 1)
-                    if version_of(headers) >= version:
-                        return time.perf_counter()
-            finally:
-                await client.close()
-
         probes = [StallProbe(api.port, PROBE_INTERVAL_S) for api in apis]
         for probe in probes:
             probe.start()
@@ -1301,7 +1645,7 @@ class Bench:
             await transaction.commit()
             key, version = await asyncio.wait_for(watch.last_row(), 10)
             seen = await asyncio.wait_for(asyncio.gather(
-                *(served(api, f"/v1/rates/{key[:3]}/{key[3:]}", version) for api in apis)), 10)
+                *(served_at(api, f"/v1/rates/{key[:3]}/{key[3:]}", version) for api in apis)), 10)
         finally:
             for probe in probes:
                 probe.stop()
@@ -1485,6 +1829,8 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"{outcomes['cached'] / total:.0%}, waited {outcomes['waited'] / total:.0%}, "
                      f"database {outcomes['database'] / total:.0%}; older {ryw['older']}", "",
                      "never older", verdict(ryw["older"] == 0)))
+    if scale := results.get("scale"):
+        rows += scale_rows(scale)
     if streams := results.get("streams"):
         rows.append((f"change -> event on {streams['streams']:,} streams of one worker",
                      f"p50 {streams['p50_ms']:.1f}, p99 {streams['p99_ms']:.1f} ms; "
@@ -1504,6 +1850,33 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"{HISTORY_YEARS} years x {HISTORY_PAIRS} pairs, indexes included)",
                      f"{history['bytes_per_row']:.0f} bytes ({history['total_mb']:.1f} MiB)",
                      "", "", ""))
+    return rows
+
+
+def scale_rows(scale: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """The scale phase's rows: propagation, then the notifying-commit ceiling, per listener
+    count (the target applies at the largest count)."""
+    levels = scale["by_listeners"]
+    rows: list[tuple[str, str, str, str, str]] = []
+    for level in levels:
+        n, prop = level["listeners"], level["propagation"]
+        after = prop["after_ack"]
+        judged = n == SCALE_LISTENERS[-1]
+        rows.append((f"propagation with {n} listeners: write acked by A -> B serves it",
+                     f"p50 {after['p50_ms']:.3f}, p99 {after['p99_ms']:.3f}, max {after['max_ms']:.3f} ms "
+                     f"(the PUT itself: p50 {prop['write']['p50_ms']:.3f} ms; floor p99 "
+                     f"{prop['floor']['p99_ms']:.3f} ms)",
+                     f"p99 {prop['p99_vs_floor_p99']:.2f}x floor",
+                     TARGETS["scale_propagation_p99_ms"] if judged else "",
+                     verdict(after["p99_ms"] <= 5) if judged else ""))
+    first = levels[0]
+    for level in levels:
+        rows.append((f"notifying commits with {level['listeners']} listeners (single-row UPDATEs "
+                     f"from {scale['writers']} connections, {scale['ceiling_s']:g} s)",
+                     f"{level['commits_per_s']:,.0f} commits/s; every listener had them "
+                     f"{level['catch_up_ms']:.1f} ms after the last",
+                     f"{level['commits_per_s'] / first['commits_per_s']:.2f} of {first['listeners']} "
+                     "listeners", "", ""))
     return rows
 
 
@@ -1578,6 +1951,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="measure xrates on this machine (own PostgreSQL and API processes)",
         description="Start an embedded PostgreSQL and API instances on 127.0.0.1, measure the "
                     "ceiling, hit, read-through, miss, propagation (beside the raw NOTIFY floor), "
+                    "propagation and the notifying-commit ceiling with 2, 20 and 100 listeners, "
                     "bulk propagation and memory, print a table and optionally write JSON. Needs "
                     f"wrk for the throughput figures ({WRK_INSTALL_HINT}). Takes under 5 minutes.")
     run.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")

@@ -174,6 +174,24 @@ def test_the_benchmark_talks_to_loopback_only() -> None:
         perf.HttpConn("10.0.0.1", 80)
 
 
+def _propagation_run(floor_p99: float, after_p99: float, first_poll: float) -> dict[str, object]:
+    part = {"p50_ms": after_p99 / 2, "p99_ms": after_p99, "max_ms": after_p99 * 2}
+    return {"floor": {"p50_ms": floor_p99 / 2, "p99_ms": floor_p99, "max_ms": floor_p99 * 2},
+            "after_ack": part, "after_send": part, "write": part, "not_hit": 0,
+            "first_poll_fraction": first_poll, "p99_vs_floor_p99": after_p99 / floor_p99}
+
+
+def test_propagation_summary_takes_the_median_of_each_figure_over_runs() -> None:
+    runs = [_propagation_run(0.2, 0.6, 0.9), _propagation_run(0.1, 0.5, 0.7),
+            _propagation_run(0.4, 2.0, 0.8)]
+    summary = perf.propagation_summary(runs)
+    assert summary["floor"] == {"p50_ms": 0.1, "p99_ms": 0.2, "max_ms": 0.4}
+    assert summary["after_ack"]["p99_ms"] == 0.6  # the median run, not the mean (1.03)
+    assert summary["first_poll_fraction"] == 0.8
+    assert summary["p99_vs_floor_p99"] == pytest.approx(5.0)
+    assert summary["runs"] == runs
+
+
 # --------------------------------------------------------------------------- CLI
 def test_bench_help_runs() -> None:
     out = subprocess.run([sys.executable, "perf.py", "bench", "--help"], cwd=ROOT,
@@ -196,6 +214,46 @@ def test_table_of_a_partial_run_names_what_was_measured() -> None:
     table = perf.markdown_table(perf.build_rows(results))
     assert "miss GET" in table and "memory per cached rate" in table
     assert "bulk" not in table  # not measured: not shown
+
+
+def _scale_level(listeners: int, p99_ms: float, commits_per_s: float) -> dict[str, object]:
+    return {"listeners": listeners, "commits_per_s": commits_per_s, "catch_up_ms": 12.0,
+            "propagation": perf.propagation_summary([_propagation_run(0.5, p99_ms, 1.0)])}
+
+
+def test_scale_rows_give_propagation_then_the_commit_ceiling_per_listener_count() -> None:
+    scale = {"writers": 4, "ceiling_s": 3.0, "clients": 103, "max_connections": 300,
+             "by_listeners": [_scale_level(2, 1.0, 2500.0), _scale_level(20, 2.0, 1000.0),
+                              _scale_level(100, 6.0, 250.0)]}
+    rows = perf.scale_rows(scale)
+    assert [r[0].split(":")[0].split(" (")[0] for r in rows] == [
+        "propagation with 2 listeners", "propagation with 20 listeners",
+        "propagation with 100 listeners", "notifying commits with 2 listeners",
+        "notifying commits with 20 listeners", "notifying commits with 100 listeners"]
+    assert [r[3:] for r in rows[:3]] == [("", ""), ("", ""), ("<= 5 ms", "NO")]  # judged at 100
+    assert "p99 6.000" in rows[2][1] and rows[2][2] == "p99 12.00x floor"
+    assert rows[3][1].startswith("2,500 commits/s") and rows[3][2] == "1.00 of 2 listeners"
+    assert rows[5][2] == "0.10 of 2 listeners"
+    assert all(r[3:] == ("", "") for r in rows[3:])
+    fast = {**scale, "by_listeners": [_scale_level(n, 4.0, 100.0) for n in (2, 20, 100)]}
+    assert perf.scale_rows(fast)[2][4] == "yes"
+    assert perf.build_rows({"scale": scale}) == rows
+
+
+async def test_notification_counts_wait_for_each_listening_connection() -> None:
+    counts = perf.NotificationCounts(3)
+    callbacks = [counts.callback(i) for i in range(3)]
+    callbacks[0](None, 1, "xrates", "before the mark")
+    counts.mark()
+    loop = asyncio.get_running_loop()
+    for delay, index in ((0.001, 0), (0.002, 1), (0.003, 0), (0.004, 1)):
+        loop.call_later(delay, callbacks[index], None, 1, "xrates", "{}")
+    # The first two connections listen; the third's count does not matter.
+    assert await counts.caught_up(2, expected=2, timeout_s=10) == 2
+    assert counts.received == [3, 2, 0]
+    callbacks[0](None, 1, "xrates", "{}")
+    assert await counts.caught_up(2, expected=3, timeout_s=0.01) == 2  # connection 1 is behind
+    assert await counts.caught_up(0, expected=5, timeout_s=10) == 5  # no listener: nothing to wait for
 
 
 def test_request_latency_counted_in_bulk_equals_observing_each_request() -> None:
