@@ -342,7 +342,7 @@ class StallProbe(threading.Thread):
             self._sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         except OSError:
             self.kernel_timestamps = False
-        self._request = request_bytes(f"127.0.0.1:{port}", "GET", CEILING_PATH)
+        self._request = request_bytes(f"127.0.0.1:{port}", "GET", HEALTH_PATH)
 
     def run(self) -> None:
         try:
