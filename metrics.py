@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import os
+import time
 from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -85,6 +88,35 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
+class GcPauses:
+    """The longest garbage collection of this process per generation (0, 1, 2), timed by a gc
+    callback: a full collection stops the worker's event loop for its whole length. Timed in
+    the thread's CPU time, so a worker that the OS descheduled meanwhile (several on one core)
+    is not charged for it; with a core per worker the two are the same."""
+
+    def __init__(self) -> None:
+        self.longest = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def install(self) -> None:
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def uninstall(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        # No locks and no allocation worth the name: this runs inside every collection.
+        if phase == "start":
+            self._started = time.thread_time()
+            return
+        pause = time.thread_time() - self._started
+        generation = info["generation"]
+        if pause > self.longest[generation]:
+            self.longest[generation] = pause
+
+
 class WorkerMetrics:
     """Copies one worker's plain counters into the Prometheus values.
 
@@ -109,6 +141,11 @@ class WorkerMetrics:
             multiprocess_mode="livemax")
         self.stream_subscribers = Gauge("xrates_stream_subscribers", "Open GET /v1/stream "
                                         "streams, summed over workers", multiprocess_mode="livesum")
+        self.gc_longest_pause = Gauge(
+            "xrates_gc_longest_pause_seconds", "Longest garbage collection (the event loop "
+            "stopped; CPU time) since the worker started serving, by generation, worst worker",
+            ["generation"], multiprocess_mode="livemax")
+        self.gc_pauses = GcPauses()  # installed once the worker serves (watch_gc)
         self._seen = {"hits": 0, "misses": 0, "bypasses": 0, "notifications_applied": 0,
                       "reconnects": 0, "stream_events": 0, "stream_dropped": 0,
                       "min_version_cached": 0, "min_version_waited": 0,
@@ -123,10 +160,20 @@ class WorkerMetrics:
 
         self._task = asyncio.get_running_loop().create_task(loop(), name="xrates-metrics")
 
+    def watch_gc(self) -> None:
+        """Time every collection from now on (after start-up's own full collection)."""
+        self.gc_pauses.install()
+
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        flush_requests()
+        self.gc_pauses.uninstall()
+        try:
+            flush_requests()
+        except FileNotFoundError:
+            # Multiprocess: the manager process already exited and removed the shared
+            # directory (its atexit), so nobody will read these values any more.
+            pass
         if MULTIPROCESS:
             with contextlib.suppress(Exception):  # a gone worker must not count as live
                 _multiprocess.mark_process_dead(os.getpid())
@@ -149,6 +196,8 @@ class WorkerMetrics:
         reconnects = listener.reconnects if listener is not None else 0
         LISTENER_RECONNECTS.inc(self._delta("reconnects", reconnects))
         self.cache_size.set(len(store.cache))
+        for generation, pause in enumerate(self.gc_pauses.longest):
+            self.gc_longest_pause.labels(str(generation)).set(pause)
         self.listener_connected.set(1 if store.listener_connected else 0)
         if listener is not None:
             self.notification_lag.set(listener.heartbeat_lag_s)

@@ -250,6 +250,7 @@ async def freeze_startup_heap(app: Sanic) -> None:
     # (triggered by a burst of new cache entries) walks the cache, not the framework.
     gc.collect()
     gc.freeze()
+    app.ctx.metrics.watch_gc()  # the pauses serving meets, not start-up's collection
 
 
 async def stop_store(app: Sanic) -> None:

@@ -162,6 +162,7 @@ class ApiProcess(processes.ApiServer):
     def __init__(self, db_url: str, log_dir: Path, env: dict[str, str] | None = None,
                  workers: int = 1, host: str = "127.0.0.1") -> None:
         super().__init__(db_url, log_dir, {**FAST_HEARTBEAT, **(env or {})}, workers, host)
+        self.workers = workers
         self.client = httpx.AsyncClient(base_url=self.base_url, timeout=10.0)
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
@@ -174,6 +175,17 @@ class ApiProcess(processes.ApiServer):
                 return False
 
         await wait_for(ready, timeout_s, 0.05, f"{self.base_url}/ready")
+        if self.workers > 1:
+            # Every worker serving: Sanic's manager has their start-up acknowledgements (a
+            # SIGTERM while it still waits for them ends in a traceback inside Sanic).
+            pids: set[int] = set()
+
+            async def all_serving() -> bool:
+                async with httpx.AsyncClient(base_url=self.base_url, timeout=10.0) as fresh:
+                    pids.add((await fresh.get("/v1/instance")).json()["pid"])
+                return len(pids) >= self.workers
+
+            await wait_for(all_serving, timeout_s, 0.01, f"{self.workers} workers serving")
 
     async def stop(self) -> None:
         await self.client.aclose()
