@@ -411,7 +411,8 @@ DEFINITIONS: dict[str, dict[str, Any]] = {
     "health": dict(summary="Liveness (constant, no I/O)",
                    response=responses((200, "alive", {"type": "object"}))),
     "ready": dict(
-        summary="Readiness: the database answers and the listener is connected",
+        summary="Readiness: the database answers, the listener is connected and the cache's "
+                "warm refill after the last flush is done",
         response=responses((200, "ready", {"type": "object"}), (503, "not ready", None))),
     "metrics": dict(summary="Prometheus metrics, aggregated over this instance's workers",
                     response=_typed("text/plain", "Prometheus text format")),

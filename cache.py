@@ -23,6 +23,7 @@ Rules (contract §5):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,14 @@ class FillToken:
     tick: int
 
 
+@dataclass(frozen=True, slots=True)
+class RefillToken:
+    """Handed out when a bulk read of the table (a warm refill) is about to start."""
+
+    epoch: int
+    serial: int
+
+
 class RateCache:
     """Versioned LRU with fill protection. Not thread-safe: one event loop drives it."""
 
@@ -75,6 +84,10 @@ class RateCache:
         self._floors: dict[str, tuple[int, int]] = {}
         # key -> heartbeat number a negative result waits for (see finish_fill)
         self._pending_negative: dict[str, int] = {}
+        # The refill in flight, if any: (its serial, the keys whose state changed since it
+        # began). Its rows never replace those: each is at best as new as its snapshot.
+        self._refill: tuple[int, set[str]] | None = None
+        self._refill_serial = 0
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -103,6 +116,7 @@ class RateCache:
         # a TRUNCATE's flush arrived, while older notifications of its key still follow the
         # flush in the stream. Heartbeats drop floors soon enough.
         self._pending_negative.clear()
+        self._refill = None  # its snapshot may hold rows the flush removed
         self._epoch += 1
         self._tick += 1
 
@@ -159,6 +173,7 @@ class RateCache:
                 return False  # served, not cached: no floor is ever dropped to make room
             self._raise_floor(token.key, version, barrier)
         self._lru[token.key] = Entry(version, value)
+        self._touched(token.key)
         return True
 
     def finish_write(self, token: FillToken, version: int, value: Any, barrier: int) -> bool:
@@ -186,6 +201,7 @@ class RateCache:
         elif touched > token.tick or token.epoch != self._epoch:
             return False
         lru[key] = Entry(version, value)
+        self._touched(key)
         return True
 
     def _raise_floor(self, key: str, version: int, barrier: int) -> int:
@@ -229,7 +245,56 @@ class RateCache:
         if self._lru.get(key) is not None:
             return False
         self._lru[key] = Entry(ABSENT_VERSION, None)
+        self._touched(key)
         return True
+
+    # -- warm refill: one bulk read after a flush ----------------------------------------
+    def begin_refill(self) -> RefillToken:
+        """Register a bulk read of the table that is about to start (one at a time: a new
+        one voids the last)."""
+        self._refill_serial += 1
+        self._refill = (self._refill_serial, set())
+        return RefillToken(self._epoch, self._refill_serial)
+
+    def refill_rows(self, token: RefillToken, rows: Iterable[tuple[str, int, Any]],
+                    barrier: int) -> int:
+        """Offer rows (key, version, value) of the refill's read, most recently changed
+        first; returns how many were cached. A row is skipped if its key changed since the
+        refill began, or a newer state of it is known (entry or floor); each cached row
+        becomes its key's floor until ``barrier`` (the next heartbeat) is back, as a fill
+        does. It stops once the LRU is full or the floor cap is reached: what is left stays
+        a miss. A flush since the refill began voids it."""
+        refill = self._refill
+        lru = self._lru
+        if (refill is None or refill[0] != token.serial or token.epoch != self._epoch
+                or not self._enabled or lru is None):
+            return 0
+        touched, floors = refill[1], self._floors
+        stored = 0
+        for key, version, value in rows:
+            current = _dict_get(lru, key)
+            if current is None and len(lru) >= self.max_size:
+                break
+            if key in touched or (current is not None and current.version >= version):
+                continue
+            floor = _dict_get(floors, key)
+            if floor is not None and version < floor[0]:
+                continue
+            if floor is None and len(floors) >= self.floor_cap:
+                break
+            self._raise_floor(key, version, barrier)
+            lru[key] = Entry(version, value)
+            stored += 1
+        return stored
+
+    def end_refill(self, token: RefillToken) -> None:
+        """The refill is done (or failed): stop tracking what changes."""
+        if self._refill is not None and self._refill[0] == token.serial:
+            self._refill = None
+
+    def _touched(self, key: str) -> None:
+        if self._refill is not None:
+            self._refill[1].add(key)
 
     def unchanged_since(self, token: FillToken) -> bool:
         """True if no change of the token's key and no flush has been applied since the read
@@ -261,6 +326,8 @@ class RateCache:
         record = self._inflight.get(key)
         if record is not None:
             record[1] = self._tick
+        if self._refill is not None:
+            self._refill[1].add(key)
         if self._pending_negative:
             self._pending_negative.pop(key, None)  # a change: the negative result is moot
         lru = self._lru

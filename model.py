@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -135,6 +136,9 @@ SELECT_RUNS = (
 # Every current rate with its source, for the path search (convert.py): one row per pair, a
 # few thousand at most. rate as numeric: asyncpg gives an exact Decimal.
 SELECT_PATH_RATES = "SELECT base, quote, rate, source FROM rate"
+# The warm refill's one statement: the most recently changed rows the cache can hold.
+SELECT_REFILL = f"SELECT {_RATE_COLUMNS} FROM rate ORDER BY updated_at DESC LIMIT $1"
+REFILL_SLICE = 1000  # rows offered per loop iteration: the listener runs in between
 # Per source ($1, in that order): the newest finished run where it had no error (its time and
 # the currencies it quoted), the newest where it failed (time and error text), and when the
 # leader's next scheduled run is due, only while some session holds the leader lock ($2).
@@ -367,6 +371,8 @@ class Store:
         self.min_version_outcomes = {"cached": 0, "waited": 0, "database": 0}
         # key -> [(version wanted, future)]: reads with a min version waiting for the stream
         self._waiters: dict[str, list[tuple[int, asyncio.Future]]] = {}
+        self._refill_task: asyncio.Task | None = None
+        self.refills = 0  # refills done (each one bulk read)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, url: str) -> None:
@@ -414,6 +420,8 @@ class Store:
         self._closed = True
         if self._migrate_task is not None:
             self._migrate_task.cancel()
+        if self._refill_task is not None:
+            self._refill_task.cancel()
         if self.listener is not None:
             await self.listener.close()
         if self.pool is not None:
@@ -464,6 +472,7 @@ class Store:
         self.cache.flush()
         self.hub.flushed()
         self._wake_all()  # the entries they wait for are gone: read the database
+        self._start_refill()
 
     def barrier_passed(self, number: int) -> None:
         self.cache.pass_barrier(number)
@@ -471,11 +480,53 @@ class Store:
     def trusted(self) -> None:
         self.cache.enable()
         self.hub.listener_up()
+        self._start_refill()
 
     def untrusted(self, _reason: str) -> None:
         self.cache.disable()
         self.hub.listener_down()
         self._wake_all()  # no notification will come: read the database
+
+    # -- warm refill ----------------------------------------------------------------------
+    @property
+    def warming(self) -> bool:
+        """A refill after the last flush is still running (/ready waits for it)."""
+        return self._refill_task is not None and not self._refill_task.done()
+
+    def _start_refill(self) -> None:
+        if not self.settings.warm_refill or not self.cache.enabled or self._closed:
+            return
+        if self._refill_task is not None:
+            self._refill_task.cancel()  # its rows are void after this flush anyway
+        self._refill_task = asyncio.get_running_loop().create_task(self._refill_logged(),
+                                                                  name="xrates-refill")
+
+    async def _refill_logged(self) -> None:
+        started = time.perf_counter()
+        try:
+            stored = await self.refill()
+        except Unavailable as exc:  # the cache fills by misses instead
+            log.warning("event=refill_failed reason=%r", str(exc))
+            return
+        log.info("event=refilled rows=%d ms=%.1f", stored, (time.perf_counter() - started) * 1000)
+
+    async def refill(self) -> int:
+        """One bulk read of the most recently changed rows, offered to the cache in slices
+        (the listener applies what arrives in between; RateCache.refill_rows decides)."""
+        cache = self.cache
+        token = cache.begin_refill()
+        try:
+            records = await self._fetch(SELECT_REFILL, cache.max_size)
+            self.refills += 1
+            stored = 0
+            for start in range(0, len(records), REFILL_SLICE):
+                rows = [(r["base"] + r["quote"], r["version"], rate_from_record(r))
+                        for r in records[start:start + REFILL_SLICE]]
+                stored += cache.refill_rows(token, rows, self._next_heartbeat())
+                await asyncio.sleep(0)  # one loop iteration: notifications and requests run
+            return stored
+        finally:
+            cache.end_refill(token)
 
     # -- database calls -----------------------------------------------------------------
     async def _call(self, method: str, sql: str, *args: Any) -> Any:

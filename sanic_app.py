@@ -615,6 +615,8 @@ async def ready(request: Request) -> HTTPResponse:
     store = store_of(request)
     if not store.listener_connected:
         raise ApiError(503, "listener not connected")
+    if store.warming:
+        raise ApiError(503, "cache warming up (one bulk read after a flush)")
     try:
         await store.ping()
     except model.Unavailable:

@@ -48,6 +48,7 @@ class Settings:
     listen_url: str | None = None  # the listener's own URL (direct, past any pooler)
     data_dir: Path = Path(".data")
     cache_size: int = 65536
+    warm_refill: bool = True  # after a flush, one bulk read refills the cache before /ready
     api_token: str | None = field(default=None, repr=False)
     sources: tuple[str, ...] = ("demo",)
     interval_s: float = 600.0
@@ -76,6 +77,7 @@ class Settings:
             f"Settings(database_url={redact_url(self.database_url)!r}, "
             f"listen_url={redact_url(self.listen_url)!r}, "
             f"data_dir={str(self.data_dir)!r}, cache_size={self.cache_size}, "
+            f"warm_refill={self.warm_refill}, "
             f"api_token={'set' if self.api_token else 'unset'}, sources={self.sources}, "
             f"interval_s={self.interval_s}, auto_migrate={self.auto_migrate}, "
             f"max_jump={self.max_jump}, db_timeout_s={self.db_timeout_s}, "
@@ -212,6 +214,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         listen_url=_database_url(env, "XRATES_LISTEN_URL"),
         data_dir=Path(env.get("XRATES_DATA_DIR", "").strip() or ".data"),
         cache_size=_int(env, "XRATES_CACHE_SIZE", 65536),
+        warm_refill=_bool(env, "XRATES_WARM_REFILL", True),
         api_token=token,
         sources=sources,
         interval_s=_float(env, "XRATES_INTERVAL", 600.0, 0.1),

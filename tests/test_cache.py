@@ -255,6 +255,7 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
         # key -> (version the cache gave a negative fill, DB version the read observed)
         self.negative_fills: dict[str, tuple[int, int]] = {}
         self.served_max: dict[str, int] = {}  # newest state served or told to a client
+        self.refill: dict | None = None  # a warm refill: begun, read, offered in slices, ended
 
     # -- the database ---------------------------------------------------------------
     def _commit(self, key: str, value: str | None) -> int:
@@ -393,6 +394,36 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
     def read_fails(self, pick: int) -> None:
         read = self.reads.pop(pick % len(self.reads))
         self.cache.cancel_fill(read["token"])
+
+    # -- warm refill: begins, reads the table at one snapshot, offers slices, ends ---------
+    @precondition(lambda self: self.refill is None)
+    @rule()
+    def refill_begins(self) -> None:
+        self.refill = {"token": self.cache.begin_refill(), "rows": None}
+
+    @precondition(lambda self: self.refill is not None and self.refill["rows"] is None)
+    @rule()
+    def refill_reads(self) -> None:
+        """Its one statement: every present row, most recently changed first."""
+        rows = [(key, version, value) for key, (version, value) in self.db.items()
+                if value is not None]
+        assert self.refill is not None
+        self.refill["rows"] = sorted(rows, key=lambda row: -row[1])
+
+    @precondition(lambda self: self.refill is not None and self.refill["rows"])
+    @rule(size=st.integers(1, 2))
+    def refill_offers_a_slice(self, size: int) -> None:
+        assert self.refill is not None
+        rows, self.refill["rows"] = self.refill["rows"][:size], self.refill["rows"][size:]
+        self.cache.refill_rows(self.refill["token"], rows, barrier=self.heartbeats_sent + 1)
+
+    @precondition(lambda self: self.refill is not None)
+    @rule()
+    def refill_ends(self) -> None:
+        """Done, or failed part way: the rest is never offered."""
+        assert self.refill is not None
+        self.cache.end_refill(self.refill["token"])
+        self.refill = None
 
     # -- guarantees -----------------------------------------------------------------------
     @invariant()
