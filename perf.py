@@ -389,12 +389,13 @@ TARGETS = {
     "bulk_stall_ms": "<= 5 ms",
     "memory_bytes_per_rate": "<= 1024",
     "gc_pause_ms": "<= 5 ms",
+    "refill_hit_share": ">= 99%",
     "stream_p99_ms": "p99 <= 50 ms",
     "miss_p50_ms": "<= 1.0 ms",
     "scale_propagation_p99_ms": "<= 5 ms",  # with SCALE_LISTENERS[-1] listeners
 }
 PHASES = ("miss", "handler", "wrk", "alternating", "propagation", "bulk", "history", "ryw",
-          "scale", "streams", "memory")
+          "scale", "streams", "refill", "memory")
 # The ceiling: a constant answer sent exactly as a hit is (pre-encoded, same middleware), so
 # hit / ceiling is the lookup's own cost. /health (Sanic encodes its headers) is a second one.
 CEILING_PATH = "/ping"
@@ -979,9 +980,15 @@ class Bench:
         conn = await asyncpg.connect(self.url)
         try:
             # Chunks: the insert trigger takes one advisory lock per row (max_locks_per_transaction).
-            for start in range(0, len(self.pairs), 2000):
-                pairs = self.pairs[start:start + 2000]
-                rates = [Decimal(f"1.{1000 + (start + i) % 9000:04d}") for i in range(len(pairs))]
+            # The miss keys first, in a transaction of their own: they are the oldest rows, the
+            # ones a warm refill of XRATES_CACHE_SIZE rows leaves out (so they stay misses).
+            missing = set(self.miss)
+            ordered = self.miss + [p for p in self.pairs if p not in missing]
+            chunks = [self.miss] + [ordered[start:start + 2000]
+                                    for start in range(len(self.miss), len(ordered), 2000)]
+            for number, pairs in enumerate(chunks):
+                rates = [Decimal(f"1.{1000 + (number * 2000 + i) % 9000:04d}")
+                         for i in range(len(pairs))]
                 await conn.execute(SEED_RATES, [b for b, _ in pairs], [q for _, q in pairs], rates)
         finally:
             await conn.close()
@@ -1051,6 +1058,10 @@ class Bench:
             (s,) = self.start_apis([("S", {})])
             self.results["streams"] = asyncio.run(self.measure_streams(s))
             self.stop_apis([s])
+        if "refill" in phases:
+            (w,) = self.start_apis([("W", {})])
+            self.results["refill"] = self.measure_refill(w)
+            self.stop_apis([w])
         if "memory" in phases:
             self.results["memory"] = self.measure_memory()
         self.results["elapsed_s"] = time.monotonic() - started
@@ -1570,6 +1581,54 @@ class Bench:
                  f"{result['p99_ms']:.1f} ms; {bytes_per_stream:,.0f} bytes per idle stream")
         return result
 
+    # -- warm refill ----------------------------------------------------------------------
+    def measure_refill(self, api: Api, reads: int = 1000) -> dict[str, Any]:
+        """A flush (the path a reconnect after a database restart takes: flush, then refill),
+        then: how long until /ready is 200 again, what the refill did (one bulk read), and
+        the hit share of the first ``reads`` reads of distinct pairs after it."""
+        import model
+
+        # The pairs seeded last: the refill holds the XRATES_CACHE_SIZE most recently changed
+        # rows, and the table has 1,000 more than that (those stay misses, by design).
+        missing = set(self.miss)
+        keys = [p for p in self.pairs if p not in missing][-reads:]
+        self.say(f"refill: flush on one instance, then {reads} reads of distinct pairs")
+        before = api.log().count("event=refilled")
+        misses0 = api.metric("xrates_cache_misses_total")
+        started = time.perf_counter()
+        asyncio.run(self._execute(model.FLUSH_CACHES, model.CHANNEL))
+        deadline = time.monotonic() + 60
+        conn = api.conn()
+        try:
+            while api.log().count("event=refilled") <= before or conn.call("GET", "/ready")[0] != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("refill: /ready never answered 200 after the flush")
+                time.sleep(0.005)  # poll interval, bounded by the deadline above
+            ready_ms = (time.perf_counter() - started) * 1000
+            hits = sum(conn.call("GET", rate_path(pair))[1].get("x-cache") == "hit"
+                       for pair in keys)
+        finally:
+            conn.close()
+        line = api.log().split("event=refilled")[-1].split("\n")[0]  # " rows=N ms=M"
+        fields = dict(part.split("=") for part in line.split())
+        result = {"ready_ms": ready_ms, "rows": int(fields["rows"]),
+                  "refill_ms": float(fields["ms"]), "hit_share": hits / len(keys),
+                  "reads": len(keys),
+                  "misses": int(api.metric("xrates_cache_misses_total") - misses0)}
+        self.say(f"  /ready 200 again after {ready_ms:.0f} ms (refill of {result['rows']:,} rows "
+                 f"in {result['refill_ms']:.0f} ms, one bulk read); first {len(keys)} reads: "
+                 f"{hits / len(keys):.1%} hits, {result['misses']} database reads")
+        return result
+
+    async def _execute(self, statement: str, *args: Any) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.fetch(statement, *args)
+        finally:
+            await conn.close()
+
     # -- bulk -----------------------------------------------------------------------------
     async def measure_bulk(self, apis: Sequence[Api]) -> dict[str, Any]:
         """One transaction upserts N rates (the updater's path); until all instances serve all."""
@@ -1692,7 +1751,9 @@ class Bench:
         config = self.config
         self.say(f"memory: {config.memory_instances} fresh instances, empty vs "
                  f"{config.memory_rates} cached rates")
-        apis = self.start_apis([(f"M{i}", {"XRATES_CACHE_SIZE": str(config.memory_rates)})
+        # No warm refill here: the figure is what each entry adds to an empty cache.
+        apis = self.start_apis([(f"M{i}", {"XRATES_CACHE_SIZE": str(config.memory_rates),
+                                           "XRATES_WARM_REFILL": "0"})
                                 for i in range(config.memory_instances)])
         try:
             for api in apis:  # the same warm-up traffic for every instance
@@ -1852,6 +1913,13 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"p50 {streams['p50_ms']:.1f}, p99 {streams['p99_ms']:.1f} ms; "
                      f"{streams['bytes_per_stream']:,.0f} bytes per idle stream", "",
                      TARGETS["stream_p99_ms"], verdict(streams["p99_ms"] <= 50)))
+    if refill := results.get("refill"):
+        rows.append(("after a flush: /ready 200 again; the refill (one bulk read)",
+                     f"{refill['ready_ms']:.0f} ms; {refill['rows']:,} rows in "
+                     f"{refill['refill_ms']:.0f} ms", "", "", ""))
+        rows.append((f"hit share of the first {refill['reads']:,} reads after /ready is 200",
+                     f"{refill['hit_share']:.1%} ({refill['misses']} database reads)", "",
+                     TARGETS["refill_hit_share"], verdict(refill["hit_share"] >= 0.99)))
     if memory := results.get("memory"):
         rows.append(("memory per cached rate (65,536 vs empty)",
                      f"{memory['bytes_per_rate']:.0f} bytes ({memory['empty_rss_mb']:.0f} -> "

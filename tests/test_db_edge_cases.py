@@ -121,9 +121,11 @@ async def test_timestamps_python_cannot_hold_arrive_by_notification(db_url, sql,
 
 async def test_timestamps_python_cannot_hold_are_read_from_the_database(db_url, sql,
                                                                        start_api) -> None:
-    await _insert_odd(sql)  # before the instance starts: its first reads are misses
-    api = await start_api(db_url)
+    await _insert_odd(sql)  # before the instances start
+    api = await start_api(db_url, env={"XRATES_WARM_REFILL": "0"})  # its first reads miss
     await _check_served(api, "miss")
+    refilled = await start_api(db_url)  # the warm refill reads them in bulk: hits at once
+    await _check_served(refilled, "hit")
     bypass = await start_api(db_url, env={"XRATES_CACHE_SIZE": "0"})
     await _check_served(bypass, "bypass")
     assert await metric(api, "xrates_listener_reconnects_total") == 0
