@@ -6,6 +6,7 @@ Handlers (sanic_app.py) and the updater call functions here; they never build SQ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -422,8 +423,10 @@ class Store:
         self._closed = True
         if self._migrate_task is not None:
             self._migrate_task.cancel()
-        if self._refill_task is not None:
+        if self._refill_task is not None and not self._refill_task.done():
             self._refill_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill_task
         if self.listener is not None:
             await self.listener.close()
         if self.pool is not None:

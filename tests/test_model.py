@@ -30,7 +30,10 @@ def _settings(db_url: str, cache_size: int, refill: bool = True) -> util.Setting
 
 @pytest.fixture
 async def store(db_url) -> AsyncIterator[model.Store]:
-    async with running(model.Store(_settings(db_url, cache_size=1)), db_url) as store:
+    # No warm refill: these tests drive misses, own writes and flushes by hand (the refill
+    # has its own model check in test_cache.py and real-process tests in test_refill.py).
+    async with running(model.Store(_settings(db_url, cache_size=1, refill=False)),
+                       db_url) as store:
         yield store
 
 
