@@ -1770,27 +1770,14 @@ class Bench:
             # of the listener's heartbeat on a loaded core.
             deadline = time.monotonic() + 150
             applied0 = {api.name: api.metric("xrates_notifications_applied_total") for api in apis}
-            touched = 0
-            for chunk in range(TOUCH_CHUNKS):
-                touched += asyncio.run(self._touch(chunk))
-                for api in apis:
-                    while api.metric("xrates_notifications_applied_total") < applied0[api.name] + touched:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"memory: API {api.name} did not apply every change")
-                        time.sleep(0.05)  # poll interval, bounded by the deadline above
+            touched = self._touch_every_row(apis, applied0, 0, deadline)
             for api in apis:
                 if api.metric("xrates_cache_size") < config.memory_rates:
                     raise RuntimeError(f"memory: API {api.name} holds fewer than {config.memory_rates}")
             full_rss = {api.name: rss_bytes(api.worker_pid()) for api in apis}
             # Churn with a full cache: every entry replaced once more; the workers time their
             # garbage collections meanwhile (xrates_gc_longest_pause_seconds).
-            for chunk in range(TOUCH_CHUNKS):
-                touched += asyncio.run(self._touch(chunk))
-                for api in apis:
-                    while api.metric("xrates_notifications_applied_total") < applied0[api.name] + touched:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"memory: API {api.name} did not apply every change")
-                        time.sleep(0.05)  # poll interval, bounded by the deadline above
+            self._touch_every_row(apis, applied0, touched, deadline)
             gc_pauses = {api.name: api.metric('xrates_gc_longest_pause_seconds{generation="2"}')
                          for api in apis}
             runs = []
@@ -1810,6 +1797,19 @@ class Bench:
                 "gc_pause_ms": max(r["gc_pause_ms"] for r in runs),
                 "empty_rss_mb": median_of(runs, "empty_rss_mb"),
                 "full_rss_mb": median_of(runs, "full_rss_mb")}
+
+    def _touch_every_row(self, apis: Sequence[Api], applied0: dict[str, float], touched: int,
+                         deadline: float) -> int:
+        """Change every row once, a chunk at a time, each applied by every instance before
+        the next; the number of changes applied so far (``touched`` before)."""
+        for chunk in range(TOUCH_CHUNKS):
+            touched += asyncio.run(self._touch(chunk))
+            for api in apis:
+                while api.metric("xrates_notifications_applied_total") < applied0[api.name] + touched:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"memory: API {api.name} did not apply every change")
+                    time.sleep(0.05)  # poll interval, bounded by the deadline above
+        return touched
 
     async def _touch(self, chunk: int) -> int:
         import asyncpg
