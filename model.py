@@ -576,14 +576,21 @@ class Store:
 
     async def _on_a_connection(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         assert self.pool is not None  # _retried checked it
-        async with self.pool.acquire() as conn:
-            try:
-                return await work(conn)
-            finally:
-                if conn.is_in_transaction():
-                    # Only work cut short leaves one open: close the connection rather than
-                    # pay a ROLLBACK to reuse it.
-                    conn.terminate()
+        try:
+            conn = await self.pool.acquire()
+        except asyncpg.PostgresError as exc:
+            # The server refused a new pooled connection (a database not accepting
+            # connections, being dropped, or refusing the role): unavailable for now, not a
+            # statement of ours that failed.
+            raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
+        try:
+            return await work(conn)
+        finally:
+            if conn.is_in_transaction():
+                # Only work cut short leaves one open: close the connection rather than
+                # pay a ROLLBACK to reuse it.
+                conn.terminate()
+            await self.pool.release(conn)
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         return await self._call("fetchrow", sql, *args)

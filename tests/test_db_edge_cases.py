@@ -129,3 +129,29 @@ async def test_timestamps_python_cannot_hold_are_read_from_the_database(db_url, 
     bypass = await start_api(db_url, env={"XRATES_CACHE_SIZE": "0"})
     await _check_served(bypass, "bypass")
     assert await metric(api, "xrates_listener_reconnects_total") == 0
+
+
+async def test_a_database_that_refuses_new_connections_answers_503_not_500(db_url, pg,
+                                                                         start_api) -> None:
+    """ALTER DATABASE ... ALLOW_CONNECTIONS false (maintenance, a drop under way): a request
+    that needs a new pooled connection is told the database is unavailable."""
+    api = await start_api(db_url, env={"XRATES_WARM_REFILL": "0"})
+    db = db_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg.url)
+    try:
+        await admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = $1 AND application_name = 'xrates-api'", db)
+        for _ in range(3):  # the first may meet the terminated connection, the rest a new one
+            response = await api.client.put("/v1/rates/USD/EUR", json={"rate": "1.5"})
+            assert response.status_code == 503, response.text
+            assert response.json()["error"].startswith("database unavailable"), response.text
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+        await admin.close()
+
+    async def writes_again() -> bool:
+        return (await api.client.put("/v1/rates/USD/EUR", json={"rate": "1.5"})).status_code in (
+            200, 201)
+
+    await wait_for(writes_again, 10, what="writes once connections are allowed again")
