@@ -326,7 +326,7 @@ class RateCache:
         record = self._inflight.get(key)
         if record is not None:
             record[1] = self._tick
-        if self._refill is not None:
+        if self._refill is not None:  # _touched, inline: this is the notification hot path
             self._refill[1].add(key)
         if self._pending_negative:
             self._pending_negative.pop(key, None)  # a change: the negative result is moot

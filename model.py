@@ -375,7 +375,6 @@ class Store:
         # key -> [(version wanted, future)]: reads with a min version waiting for the stream
         self._waiters: dict[str, list[tuple[int, asyncio.Future]]] = {}
         self._refill_task: asyncio.Task | None = None
-        self.refills = 0  # refills done (each one bulk read)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, url: str) -> None:
@@ -522,7 +521,6 @@ class Store:
         token = cache.begin_refill()
         try:
             records = await self._fetch(SELECT_REFILL, cache.max_size)
-            self.refills += 1
             stored = 0
             for start in range(0, len(records), REFILL_SLICE):
                 rows = [(r["base"] + r["quote"], r["version"], rate_from_record(r))

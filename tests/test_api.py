@@ -270,11 +270,22 @@ async def test_health_ready_metrics(api: httpx.AsyncClient) -> None:
     for name in ("xrates_cache_size", "xrates_cache_hits_total", "xrates_cache_misses_total",
                  "xrates_notifications_applied_total", "xrates_listener_connected",
                  "xrates_listener_reconnects_total", "xrates_request_duration_seconds_bucket",
-                 "xrates_notification_lag_seconds", "xrates_notification_queue_usage"):
+                 "xrates_notification_lag_seconds", "xrates_notification_queue_usage",
+                 'xrates_gc_longest_pause_seconds{generation="2"}'):
         assert name in text, name
     connected = [line for line in text.splitlines()
                  if line.startswith("xrates_listener_connected")]
     assert connected and connected[0].split()[-1] == "1.0"
+
+
+async def test_ping_is_sent_as_a_hit_is(api: httpx.AsyncClient) -> None:
+    """The benchmark's ceiling must pay what a hit pays: the same header lines, pre-encoded."""
+    await put(api, "USD", "NOK", "10.5")
+    hit = await api.get("/v1/rates/USD/NOK")
+    ping = await api.get("/ping")
+    assert (hit.headers["x-cache"], ping.status_code, ping.json()) == ("hit", 200, {"pong": True})
+    assert set(ping.headers) == set(hit.headers)
+    assert ping.headers["etag"] == '"0"' and ping.headers["x-cache"] == "constant"
 
 
 async def test_openapi_is_valid_and_complete(api: httpx.AsyncClient) -> None:
