@@ -19,6 +19,11 @@ Rules (contract §5):
 - A negative result (no row) is cached only once a heartbeat sent after the read has come
   back through the notification stream with no change of the key: provably current.
 - The LRU never holds more than ``max_size`` entries (tombstones included).
+- The cache is *complete* (``complete``: every row of the table has its entry, so a key
+  without one has no row) once a warm refill read the whole table, while nothing was evicted
+  since the last flush and every state this instance learnt ahead of the stream is cached
+  (an own write that could not be inserted keeps it incomplete until a heartbeat sent after
+  it is back). Lists and conversions are answered from a complete cache (views.py).
 """
 
 from __future__ import annotations
@@ -62,6 +67,31 @@ class RefillToken:
     serial: int
 
 
+class CurrencyIndex:
+    """The live keys (rows, not tombstones) of the cache by base and by quote currency."""
+
+    def __init__(self) -> None:
+        self.by_base: dict[str, set[str]] = {}
+        self.by_quote: dict[str, set[str]] = {}
+
+    def set_live(self, key: str, live: bool) -> None:
+        base, quote = key[:3], key[3:]
+        if live:
+            self.by_base.setdefault(base, set()).add(quote)
+            self.by_quote.setdefault(quote, set()).add(base)
+            return
+        for index, outer, inner in ((self.by_base, base, quote), (self.by_quote, quote, base)):
+            members = index.get(outer)
+            if members is not None:
+                members.discard(inner)
+                if not members:
+                    del index[outer]
+
+    def neighbours(self, code: str) -> set[str]:
+        """Currencies that ``code`` has a live row with, in either direction."""
+        return self.by_base.get(code, set()) | self.by_quote.get(code, set())
+
+
 class RateCache:
     """Versioned LRU with fill protection. Not thread-safe: one event loop drives it."""
 
@@ -88,6 +118,14 @@ class RateCache:
         # began). Its rows never replace those: each is at best as new as its snapshot.
         self._refill: tuple[int, set[str]] | None = None
         self._refill_serial = 0
+        # Completeness (module docstring): the index lives while nothing was evicted since the
+        # last flush; a whole refill makes the cache complete; _unsettled holds keys (-> the
+        # heartbeat that settles them) whose state, known ahead of the stream, is not cached.
+        self._index: CurrencyIndex | None = CurrencyIndex() if self._lru is not None else None
+        self._whole = False
+        self._refill_broken = False
+        self._unsettled: dict[str, int] = {}
+        self._generation = 0  # bumped whenever the cached content changes (views key on it)
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -97,6 +135,29 @@ class RateCache:
 
     def __len__(self) -> int:
         return len(self._lru) if self._lru is not None else 0
+
+    @property
+    def complete(self) -> bool:
+        """True while every row of the table has its entry (module docstring): a key without
+        one has no row, and lists and paths may be answered from the index."""
+        return (self._whole and self._enabled and self._index is not None
+                and not self._unsettled)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever any cached entry does (or the cache is flushed)."""
+        return self._generation
+
+    @property
+    def index(self) -> CurrencyIndex | None:
+        """The live keys by currency (None once something was evicted since the flush)."""
+        return self._index
+
+    def peek(self, key: str) -> Entry | None:
+        """The cached entry of ``key`` without making it recently used (views read many)."""
+        if not self._enabled or self._lru is None:
+            return None
+        return _dict_get(self._lru, key)
 
     def enable(self) -> None:
         """The listener is (re-)LISTENing and proven alive: flush, then trust the cache."""
@@ -112,9 +173,12 @@ class RateCache:
         """Forget every entry and void every fill in flight."""
         if self._lru is not None:
             self._lru.clear()
-        # Floors survive: an own write may have returned (and been told to its client) before
-        # a TRUNCATE's flush arrived, while older notifications of its key still follow the
-        # flush in the stream. Heartbeats drop floors soon enough.
+            self._index = CurrencyIndex()
+        self._whole = False
+        self._generation += 1
+        # Floors (and unsettled keys) survive: an own write may have returned (and been told
+        # to its client) before a TRUNCATE's flush arrived, while older notifications of its
+        # key still follow the flush in the stream. Heartbeats drop floors soon enough.
         self._pending_negative.clear()
         self._refill = None  # its snapshot may hold rows the flush removed
         self._epoch += 1
@@ -172,7 +236,7 @@ class RateCache:
             if floor is None and len(self._floors) >= self.floor_cap:
                 return False  # served, not cached: no floor is ever dropped to make room
             self._raise_floor(token.key, version, barrier)
-        self._lru[token.key] = Entry(version, value)
+        self._put(token.key, current, version, value)
         self._touched(token.key)
         return True
 
@@ -199,10 +263,31 @@ class RateCache:
             if current.version >= version:
                 return False
         elif touched > token.tick or token.epoch != self._epoch:
+            if value is not None:  # a row the client was told of, not cached: not complete
+                self._unsettled[key] = barrier
             return False
-        lru[key] = Entry(version, value)
+        self._put(key, current, version, value)
         self._touched(key)
         return True
+
+    def _put(self, key: str, current: Entry | None, version: int, value: Any) -> None:
+        """Store an entry over ``current`` (the key's entry, None if missing), keeping the
+        index and the completeness rules (``apply`` and ``refill_rows`` inline this)."""
+        lru = self._lru
+        assert lru is not None  # callers checked
+        if current is None and len(lru) >= self.max_size:
+            self._evicting()
+        lru[key] = Entry(version, value)
+        self._generation += 1
+        index = self._index
+        if index is not None and (current is None or current.value is None) != (value is None):
+            index.set_live(key, value is not None)
+
+    def _evicting(self) -> None:
+        """The LRU is about to drop its oldest entry: the index and completeness are lost
+        until the next flush (the evicted key is not known here)."""
+        self._index = None
+        self._whole = False
 
     def _raise_floor(self, key: str, version: int, barrier: int) -> int:
         """Make ``version`` the key's floor unless it has a higher one; the floor's version."""
@@ -232,6 +317,9 @@ class RateCache:
             if floors[key][1] > barrier:
                 break
             del floors[key]
+        if self._unsettled:  # their notifications have been applied by now
+            for key in [k for k, needed in self._unsettled.items() if needed <= barrier]:
+                del self._unsettled[key]
         ready = [key for key, needed in self._pending_negative.items() if needed <= barrier]
         stored = 0
         for key in ready:
@@ -244,7 +332,7 @@ class RateCache:
             return False  # a newer state of the key is known (maybe evicted): not current
         if self._lru.get(key) is not None:
             return False
-        self._lru[key] = Entry(ABSENT_VERSION, None)
+        self._put(key, None, ABSENT_VERSION, None)
         self._touched(key)
         return True
 
@@ -254,6 +342,7 @@ class RateCache:
         one voids the last)."""
         self._refill_serial += 1
         self._refill = (self._refill_serial, set())
+        self._refill_broken = False
         return RefillToken(self._epoch, self._refill_serial)
 
     def refill_rows(self, token: RefillToken, rows: Iterable[tuple[str, int, Any]],
@@ -269,28 +358,41 @@ class RateCache:
         if (refill is None or refill[0] != token.serial or token.epoch != self._epoch
                 or not self._enabled or lru is None):
             return 0
-        touched, floors = refill[1], self._floors
+        touched, floors, index = refill[1], self._floors, self._index
         stored = 0
         for key, version, value in rows:
             current = _dict_get(lru, key)
             if current is None and len(lru) >= self.max_size:
+                self._refill_broken = True
                 break
             if key in touched or (current is not None and current.version >= version):
                 continue
             floor = _dict_get(floors, key)
             if floor is not None and version < floor[0]:
+                if current is None:  # a newer state is known but not cached
+                    self._refill_broken = True
                 continue
             if floor is None and len(floors) >= self.floor_cap:
+                self._refill_broken = True
                 break
             self._raise_floor(key, version, barrier)
             lru[key] = Entry(version, value)
+            if index is not None and (current is None or current.value is None):
+                index.set_live(key, True)  # (a refill row is never a tombstone)
             stored += 1
+        if stored:
+            self._generation += 1
         return stored
 
-    def end_refill(self, token: RefillToken) -> None:
-        """The refill is done (or failed): stop tracking what changes."""
+    def end_refill(self, token: RefillToken, whole: bool = False) -> None:
+        """The refill is done (or failed): stop tracking what changes. ``whole``: every row of
+        the table was offered (its read returned fewer than ``max_size`` rows); if each was
+        cached or outranked, and nothing was evicted or flushed since, the cache is complete."""
         if self._refill is not None and self._refill[0] == token.serial:
             self._refill = None
+            if (whole and not self._refill_broken and token.epoch == self._epoch
+                    and self._index is not None):
+                self._whole = True
 
     def _touched(self, key: str) -> None:
         if self._refill is not None:
@@ -347,5 +449,11 @@ class RateCache:
         current = _dict_get(lru, key)
         if current is not None and current.version >= version:
             return False
+        if current is None and len(lru) >= self.max_size:
+            self._evicting()
         lru[key] = Entry(version, value)
+        self._generation += 1
+        index = self._index  # _put, inline
+        if index is not None and (current is None or current.value is None) != (value is None):
+            index.set_live(key, value is not None)
         return True

@@ -41,6 +41,9 @@ LISTENER_RECONNECTS = Counter("xrates_listener_reconnects", "Listener reconnect 
 MIN_VERSION_READS = Counter("xrates_min_version_reads", "Single-pair reads with a minimum version "
                             "(read your writes), by how they were answered: cached (at once), "
                             "waited (for the notification), database", ["outcome"])
+VIEW_READS = Counter("xrates_view_reads", "Lists (GET /v1/rates), conversions and Frankfurter "
+                     "latest reads, by where they were answered: memory (a complete cache) or "
+                     "database", ["served"])
 STREAM_EVENTS = Counter("xrates_stream_events", "Events written to GET /v1/stream clients "
                         "(snapshots, changes, resyncs)")
 STREAM_DROPPED = Counter("xrates_stream_dropped", "Streams closed for being slow (their queue "
@@ -141,6 +144,10 @@ class WorkerMetrics:
             multiprocess_mode="livemax")
         self.stream_subscribers = Gauge("xrates_stream_subscribers", "Open GET /v1/stream "
                                         "streams, summed over workers", multiprocess_mode="livesum")
+        self.cache_complete = Gauge(
+            "xrates_cache_complete", "1 while the cache holds every row of the table (lists "
+            "and conversions answered from memory), 0 if any worker's does not",
+            multiprocess_mode="livemin")
         self.gc_longest_pause = Gauge(
             "xrates_gc_longest_pause_seconds", "Longest garbage collection (the event loop "
             "stopped; CPU time) since the worker started serving, by generation, worst worker",
@@ -149,7 +156,7 @@ class WorkerMetrics:
         self._seen = {"hits": 0, "misses": 0, "bypasses": 0, "notifications_applied": 0,
                       "reconnects": 0, "stream_events": 0, "stream_dropped": 0,
                       "min_version_cached": 0, "min_version_waited": 0,
-                      "min_version_database": 0}
+                      "min_version_database": 0, "view_memory": 0, "view_database": 0}
         self._task: asyncio.Task | None = None
 
     def start(self, period_s: float = 1.0) -> None:
@@ -193,9 +200,12 @@ class WorkerMetrics:
         NOTIFICATIONS.inc(self._delta("notifications_applied", store.notifications_applied))
         for outcome, count in store.min_version_outcomes.items():
             MIN_VERSION_READS.labels(outcome).inc(self._delta(f"min_version_{outcome}", count))
+        for served, count in store.view_outcomes.items():
+            VIEW_READS.labels(served).inc(self._delta(f"view_{served}", count))
         reconnects = listener.reconnects if listener is not None else 0
         LISTENER_RECONNECTS.inc(self._delta("reconnects", reconnects))
         self.cache_size.set(len(store.cache))
+        self.cache_complete.set(1 if store.cache.complete else 0)
         for generation, pause in enumerate(self.gc_pauses.longest):
             self.gc_longest_pause.labels(str(generation)).set(pause)
         self.listener_connected.set(1 if store.listener_connected else 0)

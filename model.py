@@ -20,8 +20,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 
+import convert
 import stream
 import util
+import views
 from cache import ABSENT_VERSION, Entry, FillToken, RateCache
 from listener import CHANNEL, DeleteRow, Feed, UpsertRow
 
@@ -136,7 +138,7 @@ SELECT_RUNS = (
 # ----- /v1/convert through intermediates, GET /v1/sources
 # Every current rate with its source, for the path search (convert.py): one row per pair, a
 # few thousand at most. rate as numeric: asyncpg gives an exact Decimal.
-SELECT_PATH_RATES = "SELECT base, quote, rate, source FROM rate"
+SELECT_PATH_RATES = "SELECT base, quote, rate, source, version FROM rate"
 # The warm refill's one statement: the most recently changed rows the cache can hold.
 SELECT_REFILL = f"SELECT {_RATE_COLUMNS} FROM rate ORDER BY updated_at DESC LIMIT $1"
 # Rows offered per loop iteration (about 6 ms of building rates on the benchmark machine):
@@ -358,6 +360,11 @@ class Store:
     def __init__(self, settings: util.Settings) -> None:
         self.settings = settings
         self.cache = RateCache(settings.cache_size)
+        # Lists and conversion paths from the cache while it is complete (views.py).
+        self.views = views.MemoryViews(self.cache, convert.Priority(settings.sources),
+                                       rate_source)
+        # how list, conversion and Frankfurter reads were answered: memory or database
+        self.view_outcomes = {"memory": 0, "database": 0}
         self.pool: asyncpg.Pool | None = None
         self.listener: Feed | None = None
         self.timeout_s = settings.db_timeout_s
@@ -512,7 +519,8 @@ class Store:
         except Unavailable as exc:  # the cache fills by misses instead
             log.warning("event=refill_failed reason=%r", str(exc))
             return
-        log.info("event=refilled rows=%d ms=%.1f", stored, (time.perf_counter() - started) * 1000)
+        log.info("event=refilled rows=%d ms=%.1f complete=%d", stored,
+                 (time.perf_counter() - started) * 1000, self.cache.complete)
 
     async def refill(self) -> int:
         """One bulk read of the most recently changed rows, offered to the cache in slices
@@ -521,15 +529,18 @@ class Store:
         token = cache.begin_refill()
         try:
             records = await self._fetch(SELECT_REFILL, cache.max_size)
+            whole = len(records) < cache.max_size  # the table fits: the cache can be complete
             stored = 0
             for start in range(0, len(records), REFILL_SLICE):
                 rows = [(r["base"] + r["quote"], r["version"], rate_from_record(r))
                         for r in records[start:start + REFILL_SLICE]]
                 stored += cache.refill_rows(token, rows, self._next_heartbeat())
                 await asyncio.sleep(0)  # one loop iteration: notifications and requests run
-            return stored
-        finally:
+        except BaseException:
             cache.end_refill(token)
+            raise
+        cache.end_refill(token, whole=whole)
+        return stored
 
     # -- database calls -----------------------------------------------------------------
     async def _call(self, method: str, sql: str, *args: Any) -> Any:
@@ -626,6 +637,9 @@ class Store:
         if entry is not None:
             self.hits += 1
             return entry.value, HIT
+        if cache.complete:  # every row is cached: no entry, no row
+            self.hits += 1
+            return None, HIT
         shared = self._reads.get(key)
         if shared is not None and cache.unchanged_since(shared[0]):
             # Single flight: a read of this key is in flight and nothing changed since it
@@ -660,6 +674,13 @@ class Store:
         return rate_from_record(rec) if rec is not None else None
 
     async def list_rates(self, base: str | None, quote: str | None) -> list[Rate]:
+        """The current rates for the filters, ordered by base, quote: from memory while the
+        cache is complete, else from the database."""
+        rates = self.views.rates(base, quote)
+        if rates is not None:
+            self.view_outcomes["memory"] += 1
+            return rates
+        self.view_outcomes["database"] += 1
         return [rate_from_record(r) for r in await self._fetch(SELECT_RATES, base, quote)]
 
     # -- writes (each applied to this instance's cache as it returns: read your own writes) --
@@ -715,10 +736,41 @@ class Store:
         return [run_from_record(r) for r in await self._fetch(SELECT_RUNS, limit, status)]
 
     # -- /v1/convert through intermediates, GET /v1/sources ------------------------------
-    async def path_rates(self) -> list[tuple[str, str, Decimal, str]]:
-        """Every current rate as (base, quote, exact rate, source), for convert.py."""
-        return [(r["base"], r["quote"], r["rate"], r["source"])
-                for r in await self._fetch(SELECT_PATH_RATES)]
+    async def conversion_path(self, src: str, dst: str) -> views.PathAnswer:
+        """The best path from ``src`` to ``dst`` (convert.py's ranking) and the versions of
+        its rows: from memory while the cache is complete, else over every current row read
+        from the database."""
+        answer = self.views.path(src, dst)
+        if answer is not None:
+            self.view_outcomes["memory"] += 1
+            return answer
+        self.view_outcomes["database"] += 1
+        direct = await self._direct_path(src, dst)
+        if direct is not None:
+            return direct
+        records = await self._fetch(SELECT_PATH_RATES)
+        rows = [(r["base"], r["quote"], r["rate"], r["source"]) for r in records]
+        path = convert.Graph(rows, self.views.priority).best_path(src, dst)
+        if path is None:
+            return views.PathAnswer(None, (), None)
+        version = {r["base"] + r["quote"]: r["version"] for r in records}
+        return views.PathAnswer(path, tuple(version[leg.row.base + leg.row.quote]
+                                            for leg in path.legs), path.rate)
+
+    async def _direct_path(self, src: str, dst: str) -> views.PathAnswer | None:
+        """Direct or inverse through the cache's single-pair reads (hits, or misses that fill
+        it); None sends the caller to the full search. When both rows exist, convert.py ranks
+        them (priority first, then direct before inverse)."""
+        found = [rate for rate in ((await self.get_rate(src, dst))[0],
+                                   (await self.get_rate(dst, src))[0]) if rate is not None]
+        if not found:
+            return None
+        rows = [(rate.base, rate.quote, rate.decimal, rate_source(rate) if len(found) == 2 else "")
+                for rate in found]
+        path = convert.Graph(rows, self.views.priority).best_path(src, dst, 0)
+        assert path is not None  # a row of the pair is a path
+        chosen = next(rate for rate in found if rate.base == path.legs[0].row.base)
+        return views.PathAnswer(path, (chosen.version,), path.rate)
 
     async def source_status(self, names: Sequence[str]) -> list[dict[str, Any]]:
         """Per source, in ``names`` order: ``currencies`` (sorted codes of its newest

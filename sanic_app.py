@@ -398,7 +398,7 @@ async def rates_list(request: Request) -> HTTPResponse:
     quote = parse_code(quote, "quote") if quote is not None else None
     rates = await store_of(request).list_rates(base, quote)
     body = b'{"rates":[' + b",".join(r.body for r in rates) + b'],"count":%d}' % len(rates)
-    return HTTPResponse(body, content_type=JSON_TYPE, headers={"Cache-Control": "no-cache"})
+    return content_response(request, body, fixed=False)  # each body has its version
 
 
 @bp.post("/v1/rates", name="rate_create")
@@ -466,15 +466,16 @@ async def convert(request: Request) -> HTTPResponse:
     store, sources = store_of(request), settings_of(request).sources
     if request.query_string and ("date" in request.args or "source" in request.args):
         return await convert_on_day(request, store, src, dst, amount, sources)
-    path = await _cached_path(store, src, dst, sources)
-    if path is None:
-        path = convert_paths.find_path(await store.path_rates(), src, dst, sources)
-    if path is None:
+    answer = await store.conversion_path(src, dst)
+    if answer.path is None or answer.rate is None:
         raise ApiError(404, f"no rate path from {src} to {dst} "
                             "(direct, inverse or through up to two currencies)")
-    rate, result = convert_paths.convert(amount, path)
-    return HTTPResponse((_convert_body(src, dst, amount, rate, result, path.via) + "}").encode(),
-                        content_type=JSON_TYPE, headers={"Cache-Control": "no-cache"})
+    rate = answer.rate
+    result = rate if amount == 1 else Fraction(amount) * rate
+    body = (_convert_body(src, dst, amount, rate, result, answer.path.via) + "}").encode()
+    # The ETag covers the versions of the rows on the path, not only the rounded numbers.
+    return content_response(request, body, fixed=False,
+                            etag_of=body + repr(answer.versions).encode())
 
 
 def _convert_body(src: str, dst: str, amount: Decimal, rate: Fraction, result: Fraction,
@@ -496,20 +497,6 @@ async def convert_on_day(request: Request, store: model.Store, src: str, dst: st
     body = (_convert_body(src, dst, amount, found.rate, Fraction(amount) * found.rate, found.via)
             + f',"date":"{found.day.isoformat()}"}}').encode()
     return content_response(request, body, fixed=day < utc_today())
-
-
-async def _cached_path(store: model.Store, src: str, dst: str,
-                       sources: tuple[str, ...]) -> convert_paths.Path | None:
-    """Direct or inverse through the cache; None sends the caller to the full search. When
-    both rows exist, convert.py ranks them (priority first, then direct before inverse)."""
-    direct, _ = await store.get_rate(src, dst)
-    inverse, _ = await store.get_rate(dst, src)
-    found = [rate for rate in (direct, inverse) if rate is not None]
-    if not found:
-        return None
-    rows = [(rate.base, rate.quote, rate.decimal,
-             model.rate_source(rate) if len(found) == 2 else "") for rate in found]
-    return convert_paths.find_path(rows, src, dst, sources, max_intermediates=0)
 
 
 # ----------------------------------------------------------------------------- routes: sources
@@ -838,9 +825,12 @@ def parse_day_arg(value: str, field: str) -> date:
 
 
 def content_response(request: Request, body: bytes, fixed: bool,
-                     content_type: str = JSON_TYPE) -> HTTPResponse:
-    """200 (or 304 on a matching If-None-Match) with a content ETag and the §8 caching."""
-    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+                     content_type: str = JSON_TYPE, etag_of: bytes | None = None
+                     ) -> HTTPResponse:
+    """200 (or 304 on a matching If-None-Match) with a content ETag (of ``etag_of``, by
+    default the body) and the §8 caching."""
+    digest = hashlib.blake2b(body if etag_of is None else etag_of, digest_size=12)
+    etag = '"' + digest.hexdigest() + '"'
     headers = {"ETag": etag, "Cache-Control": PAST_CACHE if fixed else "no-cache"}
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None and etag_matches(if_none_match, etag):

@@ -133,12 +133,28 @@ async def test_etag_and_if_none_match(api: httpx.AsyncClient) -> None:
     assert changed.headers["etag"] != etag
 
 
-async def test_x_cache_miss_then_hit(api: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+async def test_x_cache_hit_for_rows_and_for_absent_pairs(api: httpx.AsyncClient,
+                                                         db: asyncpg.Connection) -> None:
     # Written straight through SQL: the notification puts it in the cache (push refresh)...
     await db.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
                      "VALUES ('SEK', 'NOK', 0.98, 'manual', now())")
-    # ...and an absent key is a miss first, then (once the next heartbeat has proved that
-    # no change of it was in flight) a cached negative result.
+
+    async def cached_row() -> bool:
+        again = await api.get("/v1/rates/SEK/NOK")
+        return (again.status_code, again.headers["x-cache"]) == (200, "hit")
+
+    await wait_for(cached_row, 5, what="the notified row to be cached")
+    # ...and the cache is complete (the start-up refill read the whole table), so an absent
+    # pair is a 404 from memory at once.
+    absent = await api.get("/v1/rates/PLN/CZK")
+    assert (absent.status_code, absent.headers["x-cache"]) == (404, "hit")
+
+
+async def test_x_cache_miss_then_cached_404_without_a_refill(db_url: str, start_api) -> None:
+    # Without the refill the cache never knows the whole table: an absent key is a miss
+    # first, then (once the next heartbeat has proved that no change of it was in flight) a
+    # cached negative result.
+    api = (await start_api(db_url, env={"XRATES_WARM_REFILL": "0"})).client
     first = await api.get("/v1/rates/PLN/CZK")
     assert (first.status_code, first.headers["x-cache"]) == (404, "miss")
 

@@ -237,9 +237,11 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
     and its flush waits in the stream; heartbeats are sent and come back. The cache is smaller
     than the key set (evictions all the time) and so is its floor cap."""
 
+    CACHE_SIZE, FLOOR_CAP = 1, 2
+
     def __init__(self) -> None:
         super().__init__()
-        self.cache = RateCache(1, floor_cap=2)
+        self.cache = RateCache(self.CACHE_SIZE, floor_cap=self.FLOOR_CAP)
         self.cache.enable()
         self.connected = True
         self.version = 0
@@ -409,6 +411,7 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
                 if value is not None]
         assert self.refill is not None
         self.refill["rows"] = sorted(rows, key=lambda row: -row[1])
+        self.refill["count"] = len(rows)
 
     @precondition(lambda self: self.refill is not None and self.refill["rows"])
     @rule(size=st.integers(1, 2))
@@ -420,9 +423,12 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
     @precondition(lambda self: self.refill is not None)
     @rule()
     def refill_ends(self) -> None:
-        """Done, or failed part way: the rest is never offered."""
+        """Done (the whole table when its read found fewer rows than the cache holds, as
+        model.Store says), or failed part way: the rest is never offered."""
         assert self.refill is not None
-        self.cache.end_refill(self.refill["token"])
+        rows = self.refill["rows"]
+        whole = rows == [] and self.refill["count"] < self.cache.max_size
+        self.cache.end_refill(self.refill["token"], whole=whole)
         self.refill = None
 
     # -- guarantees -----------------------------------------------------------------------
@@ -448,6 +454,37 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
             if entry.value is not None:
                 # a state the database really had
                 assert self.history[(key, entry.version)] == entry.value
+
+    @invariant()
+    def a_complete_cache_knows_every_row(self) -> None:
+        """While complete, a key without an entry has no row: "absent" is a state the key
+        really had, no older than anything the stream applied or a client was told (so lists
+        and paths built from the entries never drop a row a client has seen). It may be newer
+        than the stream: a refill's snapshot is."""
+        if not self.cache.complete:
+            return
+        for key in KEYS:
+            if self.cache.lookup(key) is not None:
+                continue
+            newest = max(self.applied_max.get(key, 0), self.served_max.get(key, 0))
+            later = [v for (k, v) in self.history if k == key and v > newest]
+            assert any(self._state_at(key, v) is None for v in [newest, *later]), (
+                key, newest, self.db.get(key))
+
+    def _state_at(self, key: str, version: int) -> str | None:
+        """The key's value as of ``version`` (None: no row)."""
+        versions = [v for (k, v) in self.history if k == key and v <= version]
+        return self.history[(key, max(versions))] if versions else None
+
+    @invariant()
+    def the_index_lists_the_live_entries(self) -> None:
+        index = self.cache.index
+        if index is None:
+            return
+        live = {key for key in KEYS if (e := self.cache.peek(key)) is not None
+                and e.value is not None}
+        assert {b + q for b, quotes in index.by_base.items() for q in quotes} == live
+        assert {b + q for q, bases in index.by_quote.items() for b in bases} == live
 
     def teardown(self) -> None:
         # Convergence: once writes stop and every notification is delivered, every
@@ -482,3 +519,75 @@ CacheAgainstDatabase.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_cache_against_database = CacheAgainstDatabase.TestCase
+
+
+class CompleteCacheAgainstDatabase(CacheAgainstDatabase):
+    """The same steps with room for the whole table: warm refills make the cache complete."""
+
+    CACHE_SIZE, FLOOR_CAP = 4, 8
+
+
+CompleteCacheAgainstDatabase.TestCase.settings = CacheAgainstDatabase.TestCase.settings
+test_complete_cache_against_database = CompleteCacheAgainstDatabase.TestCase
+
+
+# --------------------------------------------------------------------------- completeness
+def complete_cache(rows: dict[str, tuple[int, str]], size: int = 8) -> RateCache:
+    """A cache made complete by a whole refill of ``rows``."""
+    cache = enabled_cache(size)
+    token = cache.begin_refill()
+    cache.refill_rows(token, [(k, v, value) for k, (v, value) in rows.items()], barrier=1)
+    cache.end_refill(token, whole=True)
+    return cache
+
+
+def test_a_whole_refill_makes_the_cache_complete_and_indexes_the_rows() -> None:
+    cache = complete_cache({"EURUSD": (1, "a"), "EURGBP": (2, "b")})
+    assert cache.complete
+    index = cache.index
+    assert index is not None
+    assert index.by_base == {"EUR": {"USD", "GBP"}} and index.neighbours("USD") == {"EUR"}
+    cache.apply("EURUSD", 3, None)  # a delete leaves the index
+    assert index.by_base == {"EUR": {"GBP"}} and "USD" not in index.by_quote
+    assert cache.complete
+
+
+def test_a_partial_refill_or_an_eviction_leaves_the_cache_incomplete() -> None:
+    cache = enabled_cache(4)
+    token = cache.begin_refill()
+    cache.refill_rows(token, [("EURUSD", 1, "a")], barrier=1)
+    cache.end_refill(token, whole=False)  # the read hit its LIMIT: the table may be larger
+    assert not cache.complete
+    cache = complete_cache({"EURUSD": (1, "a")}, size=2)
+    cache.apply("EURGBP", 2, "b")
+    assert cache.complete
+    cache.apply("EURJPY", 3, "c")  # evicts: some row is no longer cached
+    assert not cache.complete and cache.index is None
+    cache.flush()
+    assert not cache.complete and cache.index is not None  # until the next whole refill
+
+
+def test_an_own_write_that_straddled_a_flush_keeps_the_cache_incomplete_until_its_barrier() -> None:
+    cache = enabled_cache()
+    token = cache.begin_fill("EURUSD")  # our INSERT is sent ...
+    cache.flush()  # ... a reconnect flushes ...
+    refill = cache.begin_refill()  # ... and the refill reads the table before it commits
+    cache.end_refill(refill, whole=True)
+    assert cache.complete
+    assert cache.finish_write(token, 5, "v5", barrier=3) is False  # told to the client
+    assert not cache.complete  # a list now would miss EURUSD
+    cache.pass_barrier(2)
+    assert not cache.complete
+    cache.apply("EURUSD", 5, "v5")  # its notification ...
+    cache.pass_barrier(3)  # ... and the heartbeat after it
+    assert cache.complete and cache.lookup("EURUSD") == Entry(5, "v5")
+
+
+def test_a_refill_row_older_than_an_uncached_floor_leaves_the_cache_incomplete() -> None:
+    cache = enabled_cache()
+    cache.finish_write(cache.begin_fill("EURGBP"), 7, "w", barrier=1)  # ours, told
+    cache.flush()  # its entry goes, its floor stays
+    refill = cache.begin_refill()
+    cache.refill_rows(refill, [("EURGBP", 6, "older")], barrier=2)  # an older snapshot
+    cache.end_refill(refill, whole=True)
+    assert not cache.complete

@@ -1,0 +1,131 @@
+"""Lists and conversion paths answered from a complete cache: pure, no I/O.
+
+A complete cache (``cache.RateCache.complete``) holds every row of the table, so the rows a
+list or a path needs are all in memory: ``CurrencyIndex`` finds them by currency and
+``RateCache.peek`` reads them without reordering the LRU. The answers carry the §5 guarantees
+of the entries they are made of (they are those entries). Work is memoised per cache
+*generation* (it changes whenever any entry does), so a burst of changes costs one rebuild on
+the next read, not one per change.
+
+A path needs only the rows around its two ends: every direct, inverse or one-intermediate
+path uses rows of ``src`` or ``dst``, and a two-intermediate path ``src → a → b → dst``
+adds one row between a neighbour of ``src`` and one of ``dst``. The search runs on those rows
+(``convert.Graph``), so it ranks exactly as over the whole table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any, NamedTuple
+
+import convert
+from cache import RateCache
+
+MEMO_PATHS = 4096  # (src, dst) answers kept per generation
+
+
+class PathAnswer(NamedTuple):
+    """The best path (None: there is none) and the versions of the rows on it (ETag input)."""
+
+    path: convert.Path | None
+    versions: tuple[int, ...]
+    rate: Fraction | None  # the path's exact rate, computed once
+
+
+class MemoryViews:
+    """Lists and paths over a complete cache; every method answers None when the cache is not
+    complete (the caller reads the database instead)."""
+
+    def __init__(self, cache: RateCache, priority: convert.Priority,
+                 source_of: Callable[[Any], str]) -> None:
+        self.cache = cache
+        self.priority = priority
+        self.source_of = source_of  # the source of a cached value (a model.Rate)
+        self._all: tuple[int, list[Any]] = (-1, [])
+        self._paths: dict[tuple[str, str], PathAnswer] = {}
+        self._paths_generation = -1
+
+    # -- GET /v1/rates ---------------------------------------------------------------------
+    def rates(self, base: str | None, quote: str | None) -> list[Any] | None:
+        """The current values for the filters, ordered by base, quote."""
+        cache = self.cache
+        index = cache.index
+        if not cache.complete or index is None:
+            return None
+        if base is not None and quote is not None:
+            return self._live([base + quote])
+        if base is not None:
+            return self._live(base + q for q in sorted(index.by_base.get(base, ())))
+        if quote is not None:
+            return self._live(b + quote for b in sorted(index.by_quote.get(quote, ())))
+        generation = cache.generation
+        if self._all[0] != generation:
+            keys = (b + q for b in sorted(index.by_base) for q in sorted(index.by_base[b]))
+            self._all = (generation, self._live(keys))
+        return self._all[1]
+
+    def _live(self, keys: Iterable[str]) -> list[Any]:
+        peek = self.cache.peek
+        values = []
+        for key in keys:
+            entry = peek(key)
+            if entry is not None and entry.value is not None:
+                values.append(entry.value)
+        return values
+
+    # -- GET /v1/convert -----------------------------------------------------------------
+    def path(self, src: str, dst: str) -> PathAnswer | None:
+        """The best path from ``src`` to ``dst`` (convert.py's ranking, at most two
+        intermediates)."""
+        cache = self.cache
+        if not cache.complete or cache.index is None:
+            return None
+        if self._paths_generation != cache.generation or len(self._paths) >= MEMO_PATHS:
+            self._paths.clear()
+            self._paths_generation = cache.generation
+        answer = self._paths.get((src, dst))
+        if answer is None:
+            answer = self._paths[(src, dst)] = self._search(src, dst)
+        return answer
+
+    def _search(self, src: str, dst: str) -> PathAnswer:
+        index = self.cache.index
+        assert index is not None  # path() checked
+        near_src, near_dst = index.neighbours(src), index.neighbours(dst)
+        rows = self._rows_around(src, near_src) | self._rows_around(dst, near_dst)
+        path = convert.Graph(rows.values(), self.priority).best_path(src, dst, 1)
+        if path is None:
+            for first in near_src - {dst}:
+                for second in index.neighbours(first) & near_dst:
+                    if second != src:
+                        rows |= self._rows_between(first, second)
+            path = convert.Graph(rows.values(), self.priority).best_path(src, dst, 2)
+        if path is None:
+            return PathAnswer(None, (), None)
+        peek = self.cache.peek
+        versions = []
+        for leg in path.legs:
+            entry = peek(leg.row.base + leg.row.quote)
+            assert entry is not None  # the row was read from the cache just now
+            versions.append(entry.version)
+        return PathAnswer(path, tuple(versions), path.rate)
+
+    def _rows_around(self, code: str, near: set[str]) -> dict[str, convert.RateRow]:
+        rows: dict[str, convert.RateRow] = {}
+        for other in near:
+            rows |= self._rows_between(code, other)
+        return rows
+
+    def _rows_between(self, a: str, b: str) -> dict[str, convert.RateRow]:
+        """The live rows (a, b) and (b, a), by key."""
+        rows = {}
+        peek = self.cache.peek
+        for key in (a + b, b + a):
+            entry = peek(key)
+            if entry is not None and entry.value is not None:
+                value = entry.value
+                rows[key] = convert.RateRow(value.base, value.quote, Decimal(value.rate),
+                                            self.source_of(value))
+        return rows
