@@ -28,13 +28,19 @@ Rules (contract §5):
 
 from __future__ import annotations
 
+import ctypes
+import gc
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
-
-from boltons.cacheutils import LRU
+from typing import Any, TypeVar
 
 _dict_get = dict.get  # see RateCache.apply
+_is_tracked = gc.is_tracked
+_gc_untrack = ctypes.pythonapi.PyObject_GC_UnTrack
+_gc_untrack.argtypes = (ctypes.py_object,)
+_gc_untrack.restype = None
+_T = TypeVar("_T")
 
 # Version of a negative entry from a read that found no row: any real change outranks it.
 ABSENT_VERSION = 0
@@ -48,6 +54,46 @@ class Entry:
 
     version: int
     value: Any
+
+
+def untracked(obj: _T) -> _T:
+    """``obj``, out of the cyclic garbage collector's sight (refcounting still frees it).
+
+    Only for an immutable object that refers to nothing tracked (str, bytes, int, None, other
+    untracked objects; its class aside): it can be in no reference cycle, so the collector has
+    nothing to find there. CPython untracks exact tuples and dicts of such values itself, but
+    never a NamedTuple or a dataclass, and a full collection walks every tracked object: with
+    65,536 cached rates, one stopped a worker for tens of ms."""
+    if _is_tracked(obj):  # never a non-GC object (str, int...): it has no GC header to clear
+        _gc_untrack(obj)
+    return obj
+
+
+class LRU(OrderedDict[str, Entry]):
+    """At most ``max_size`` entries; a new key evicts the least recently used (stored or
+    looked up). An OrderedDict's links are C structs, not objects the collector walks (boltons'
+    LRU kept a list per entry), and an entry whose value is untracked is untracked too (cached
+    values are immutable: every reader is handed the same one)."""
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__()
+        self.max_size = max_size
+
+    def get(self, key: str, default: None = None) -> Entry | None:  # type: ignore[override]
+        """The entry of ``key`` (now the most recently used), or None."""
+        entry = _dict_get(self, key)
+        if entry is not None:
+            self.move_to_end(key)
+        return entry
+
+    def __setitem__(self, key: str, entry: Entry) -> None:
+        if key in self:
+            self.move_to_end(key)
+        elif len(self) >= self.max_size:
+            self.popitem(last=False)
+        if not _is_tracked(entry.value):
+            untracked(entry)
+        super().__setitem__(key, entry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,10 +481,9 @@ class RateCache:
         lru = self._lru
         if not self._enabled or lru is None:
             return False
-        # boltons' LRU is a dict holding the same values as its linked list. Its .get() raises
-        # and catches KeyError on a miss (slow on the notification path, where most keys are
-        # absent); the plain dict read answers the same without reordering, and the store
-        # below moves the key to the front anyway.
+        # The LRU is a dict: the plain dict read skips the Python-level .get() and its
+        # reordering (most keys on the notification path are absent), and the store below
+        # moves the key to the front anyway.
         floors = self._floors
         if floors:
             floor = _dict_get(floors, key)

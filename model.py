@@ -24,7 +24,7 @@ import convert
 import stream
 import util
 import views
-from cache import ABSENT_VERSION, Entry, FillToken, RateCache
+from cache import ABSENT_VERSION, Entry, FillToken, RateCache, untracked
 from listener import CHANNEL, DeleteRow, Feed, UpsertRow
 
 log = logging.getLogger("xrates.model")
@@ -246,7 +246,8 @@ class Rate(NamedTuple):
     encoded once (the hit path only copies bytes).
 
     Immutable and small, since the cache holds one per pair: source and timestamps live only
-    in the body, and the currency codes are interned.
+    in the body, and the currency codes are interned. Its fields are all str, int and bytes,
+    so make_rate hides it from the cyclic GC (cache.untracked); the LRU then does its entry.
     """
 
     base: str
@@ -283,12 +284,12 @@ def _iso_text(text: str) -> str:
 
 def make_rate(base: str, quote: str, rate: str, source: str, as_of: str, updated_at: str,
               version: int) -> Rate:
-    """Build a Rate and encode its body once (the hit path only copies bytes)."""
+    """Build a Rate, untracked, and encode its body once (the hit path only copies bytes)."""
     body = (
         f'{{"base":"{base}","quote":"{quote}","rate":{rate},"source":{_json_text(source)},'
         f'"as_of":"{as_of}","updated_at":"{updated_at}","version":{version}}}'
     ).encode()
-    return Rate(_intern(base), _intern(quote), rate, version, body, f'"{version}"')
+    return untracked(Rate(_intern(base), _intern(quote), rate, version, body, f'"{version}"'))
 
 
 def rate_from_record(rec: asyncpg.Record) -> Rate:

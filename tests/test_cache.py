@@ -4,6 +4,9 @@ reconnects, against a model of the database."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -224,6 +227,68 @@ def test_floors_survive_a_flush_until_a_heartbeat_passes() -> None:
 def test_negative_size_is_rejected() -> None:
     with pytest.raises(ValueError):
         RateCache(-1)
+
+
+def test_the_least_recently_used_entry_is_evicted_and_a_lookup_is_a_use() -> None:
+    cache = enabled_cache(2)
+    cache.apply("USDEUR", 1, "a")
+    cache.apply("EURGBP", 2, "b")
+    assert cache.lookup("USDEUR") == Entry(1, "a")
+    cache.apply("GBPJPY", 3, "c")  # evicts EURGBP, used less recently than USDEUR
+    assert cache.lookup("EURGBP") is None
+    assert cache.lookup("USDEUR") == Entry(1, "a")
+    cache.apply("EURGBP", 4, "d")  # evicts GBPJPY
+    assert [cache.lookup(key) for key in ("USDEUR", "GBPJPY")] == [Entry(1, "a"), None]
+
+
+# ------------------------------------------------------------------ the cyclic GC
+# A full collection walks every GC-tracked object and stops the event loop meanwhile: with
+# 65,536 cached rates and an object or three per entry, 20-100 ms. The cache adds none.
+SIZE = 2000
+# Pairs of 46 codes, as real tables are (the currency index keeps a set per code, not per pair).
+CODES = [f"C{chr(65 + i // 26)}{chr(65 + i % 26)}" for i in range(46)]
+PAIRS = [a + b for a in CODES for b in CODES if a != b][:SIZE]
+
+
+def test_a_full_cache_under_churn_adds_no_object_for_the_cyclic_gc_to_walk() -> None:
+    cache = enabled_cache(SIZE)
+    gc.collect()
+    before = len(gc.get_objects())
+    for version in (1, 2, 3):  # a fill, then every entry replaced twice (one in ten deleted)
+        for i, key in enumerate(PAIRS):
+            cache.apply(key, version, None if version == 3 and i % 10 == 0 else "v")
+    gc.collect()
+    assert len(gc.get_objects()) - before < SIZE // 10
+    assert not gc.is_tracked(cache.lookup(PAIRS[1]))
+
+
+def test_a_flush_frees_every_entry_without_the_cyclic_gc() -> None:
+    """Nothing cyclic is left behind (boltons' LRU left its ring of links): the entries would
+    otherwise need a full collection, or leak if someone gc.freeze()s them."""
+    cache = enabled_cache(SIZE)
+    for i in range(SIZE):
+        cache.apply(f"K{i:05d}", 1, "v")
+    gc.collect()
+    cache.flush()
+    assert gc.collect() < SIZE // 10
+
+
+def test_an_entry_with_a_tracked_value_stays_tracked_so_its_cycles_are_collected() -> None:
+    class Marker:
+        pass
+
+    cache = enabled_cache(1)
+    marker = Marker()
+    value: list[object] = [marker]
+    cache.apply("USDEUR", 1, value)
+    entry = cache.lookup("USDEUR")
+    assert gc.is_tracked(entry)
+    value.append(entry)  # a cycle through the entry: value -> entry -> value
+    gone = weakref.ref(marker)
+    del marker, value, entry
+    cache.apply("EURGBP", 2, "v")  # evicts it: the cycle is garbage
+    gc.collect()
+    assert gone() is None
 
 
 # --------------------------------------------------------------------------- model check

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -35,6 +37,27 @@ async def store(db_url) -> AsyncIterator[model.Store]:
     async with running(model.Store(_settings(db_url, cache_size=1, refill=False)),
                        db_url) as store:
         yield store
+
+
+async def test_refilled_rates_and_their_entries_are_untracked_by_the_cyclic_gc(db_url, sql) -> None:
+    """A full collection walks every tracked object (the event loop stopped meanwhile): a
+    cached rate and its entry hold only str, int and bytes, so they are left out."""
+    await sql.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
+                      "SELECT 'Q' || chr(65 + i / 26 % 26) || chr(65 + i % 26), "
+                      "'U' || chr(65 + i / 676) || 'D', 1 + i, 'manual', now() "
+                      "FROM generate_series(0, 1999) AS i")
+    async with running(model.Store(_settings(db_url, cache_size=2000)), db_url) as store:
+        await wait_for(lambda: _true(len(store.cache) == 2000 and not store.warming), 20,
+                       what="the warm refill")
+        entries = [store.cache.lookup(f"Q{chr(65 + i // 26 % 26)}{chr(65 + i % 26)}"
+                                      f"U{chr(65 + i // 676)}D") for i in range(2000)]
+        cached = [entry for entry in entries if entry is not None]
+        assert len(cached) == 2000
+        assert not any(gc.is_tracked(entry) or gc.is_tracked(entry.value) for entry in cached)
+        rate = cached[1999].value
+        assert (rate.base, rate.quote, rate.rate, rate.etag) == (
+            "QYX", "UCD", "2000", f'"{rate.version}"')
+        assert json.loads(rate.body)["rate"] == 2000
 
 
 _GATED = contextvars.ContextVar("gated", default=False)
