@@ -383,6 +383,8 @@ class StallProbe(threading.Thread):
 TARGETS = {
     "history_year_p50_ms": "<= 5 ms",
     "hit_vs_ceiling_alternating": ">= 0.95",
+    "convert_pivot_vs_hit_alternating": ">= 0.8",
+    "latest_vs_hit_alternating": ">= 0.5",
     "hit_vs_read_through_wrk": ">= 3.0",
     "propagation_p99_ms": "<= 1.0 ms and <= 3x floor p99",
     "bulk_p99_ms": "<= 50 ms",
@@ -394,8 +396,8 @@ TARGETS = {
     "miss_p50_ms": "<= 1.0 ms",
     "scale_propagation_p99_ms": "<= 5 ms",  # with SCALE_LISTENERS[-1] listeners
 }
-PHASES = ("miss", "handler", "wrk", "alternating", "propagation", "bulk", "history", "ryw",
-          "scale", "streams", "refill", "memory")
+PHASES = ("miss", "handler", "wrk", "alternating", "reads", "propagation", "bulk", "history",
+          "ryw", "scale", "streams", "refill", "memory")
 # The ceiling: a constant answer sent exactly as a hit is (pre-encoded, same middleware), so
 # hit / ceiling is the lookup's own cost. /health (Sanic encodes its headers) is a second one.
 CEILING_PATH = "/ping"
@@ -448,6 +450,29 @@ HISTORY_SIZE = (
     "SELECT pg_total_relation_size('rate_history') AS bytes, "
     "(SELECT count(*) FROM rate_history) AS rows"
 )
+# Reads: /v1/convert through one pivot and Frankfurter's /v1/latest, each against the hit.
+# Their rows are seeded only when the phase runs, with codes no other phase uses (pair_keys
+# gives codes starting with A only; the history phase's quotes start with X): the pivot's
+# rows in `rate` (so each convert pair below has no direct or inverse row, only a path
+# through READS_PIVOT) and READS_DAYS days of the Frankfurter source's history. The API
+# instances get no XRATES_SOURCES, so their Frankfurter source is the default one, demo,
+# whose pivot is EUR (sanic_app.FrankfurterSource).
+READS_PIVOT = "EUR"
+READS_CODES = ("USD", "GBP", "JPY", "CHF", "CAD", "NZD", "SEK", "NOK", "DKK", "PLN", "CZK",
+               "HUF", "RON", "BGN", "TRY", "ZAR", "BRL", "MXN", "CNY", "HKD", "SGD", "KRW",
+               "INR", "IDR", "THB", "MYR", "PHP", "ILS", "ISK", "CLP")
+READS_CONVERT = (("GBP", "JPY"), ("USD", "CHF"), ("SEK", "NOK"), ("JPY", "GBP"))
+READS_FK_SOURCE = "demo"
+READS_DAYS = 5  # today and the 4 days before
+READS_LATEST_PATH = "/v1/latest?base=USD"
+SEED_READS_HISTORY = (
+    "INSERT INTO rate_history (source, base, quote, day, rate, as_of) "
+    "SELECT $1, $2, q, (d AT TIME ZONE 'UTC')::date, r + extract(doy FROM d) / 10000.0, d "
+    "FROM unnest($3::text[], $4::numeric[]) AS t(q, r), "
+    "generate_series($5::timestamptz, $6::timestamptz, interval '1 day') AS d"
+)
+# After the phase: the history phase measures the whole table's size per row.
+DELETE_READS_HISTORY = "DELETE FROM rate_history WHERE source = $1 AND base = $2 AND quote = ANY($3)"
 WRK_SCRIPT = """
 local paths = {%s}
 local requests = nil
@@ -482,6 +507,9 @@ class BenchConfig:
     wrk_connections: int = 32
     alternate_control_s: float = 5.0
     alternate_hit_s: float = 8.0
+    reads_control_s: float = 3.0  # reads phase: hit vs hit
+    reads_s: float = 4.0  # reads phase: each candidate (convert through a pivot, latest) vs hit
+    reads_batch_s: float = 0.05  # reads phase: longest a candidate's batch may take (batch_for)
     batch: int = 64
     hot_keys: int = 128
     miss_samples: int = 200
@@ -498,7 +526,8 @@ class BenchConfig:
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        return cls(wrk_s=2.0, alternate_control_s=1.5, alternate_hit_s=2.5, miss_samples=60,
+        return cls(wrk_s=2.0, alternate_control_s=1.5, alternate_hit_s=2.5, reads_control_s=1.5,
+                   reads_s=2.0, miss_samples=60,
                    propagation_samples=60, floor_samples=60, bulk_rounds=5, streams=300,
                    stream_rounds=5, ryw_samples=60, scale_ceiling_s=1.5)
 
@@ -665,6 +694,21 @@ def raise_open_files_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def batch_for(per_request_s: float, batch: int, batch_s: float) -> int:
+    """Requests in one pipelined batch: ``batch``, or else the largest power of two (at
+    least 1) whose requests, ``per_request_s`` each, take at most ``batch_s`` (powers of
+    two, so that a little noise in ``per_request_s`` seldom changes the size)."""
+    fits = int(batch_s / per_request_s) if per_request_s > 0 else batch
+    if fits >= batch:
+        return batch
+    return 1 << max(0, fits.bit_length() - 1)
+
+
+def ratio_text(ratio: float) -> str:
+    """A throughput ratio for the table: 3 decimals, or 2 significant digits below 0.1."""
+    return f"{ratio:.3f}" if ratio >= 0.1 else f"{ratio:.2g}"
 
 
 def rss_bytes(pid: int) -> int:
@@ -990,8 +1034,21 @@ class Bench:
                 rates = [Decimal(f"1.{1000 + (number * 2000 + i) % 9000:04d}")
                          for i in range(len(pairs))]
                 await conn.execute(SEED_RATES, [b for b, _ in pairs], [q for _, q in pairs], rates)
+            if "reads" in self.phases:
+                await self._seed_reads(conn)
         finally:
             await conn.close()
+
+    async def _seed_reads(self, conn: Any) -> None:
+        """The reads phase's rows: READS_PIVOT -> each of READS_CODES in `rate` (seeded last,
+        so they are among the newest rows, which a warm refill holds) and in the Frankfurter
+        source's history, today and the READS_DAYS - 1 days before."""
+        codes = list(READS_CODES)
+        rates = [Decimal(f"{1 + i / 8:.3f}") for i in range(len(codes))]
+        await conn.execute(SEED_RATES, [READS_PIVOT] * len(codes), codes, rates)
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        await conn.execute(SEED_READS_HISTORY, READS_FK_SOURCE, READS_PIVOT, codes, rates,
+                           today - timedelta(days=READS_DAYS - 1), today)
 
     def start_apis(self, specs: Sequence[tuple[str, dict[str, str]]]) -> list[Api]:
         started = [Api(name, self.url, self.workdir, self.pinning, env) for name, env in specs]
@@ -1042,6 +1099,8 @@ class Bench:
             self.stop_apis([r])
         if "alternating" in phases:
             self.results["alternating"] = self.measure_alternating(a)
+        if "reads" in phases:
+            self.results["reads"] = self.measure_reads(a)
         if "propagation" in phases:
             self.results["propagation"] = self.measure_propagation(a, b)
         if "bulk" in phases:
@@ -1213,17 +1272,19 @@ class Bench:
 
     # -- alternating pipelined batches ----------------------------------------------------
     def alternate(self, conn: HttpConn, first: list[bytes], second: list[bytes],
-                  seconds: float) -> PairedRatio:
+                  seconds: float, batch: int | None = None, warm: int = 8) -> PairedRatio:
         """Alternate pipelined batches of two request streams on one connection.
 
         Pairs run in ABBA order (A first in even pairs, B first in odd ones), so neither side
-        always runs right after the other. Returns B's throughput relative to A's.
+        always runs right after the other. Returns B's throughput relative to A's. ``batch``
+        is the number of requests in each batch (``pipelined``'s; default the config's);
+        ``warm`` pairs run first, untimed.
         """
-        batch = self.config.batch
+        batch = batch or self.config.batch
         times_a: list[float] = []
         times_b: list[float] = []
         cycle_a, cycle_b = itertools.cycle(first), itertools.cycle(second)
-        for _ in range(8):  # warm both paths
+        for _ in range(warm):  # warm both paths
             conn.timed_batch(next(cycle_a), batch)
             conn.timed_batch(next(cycle_b), batch)
         deadline = time.perf_counter() + seconds
@@ -1238,9 +1299,10 @@ class Bench:
             pair += 1
         return paired_ratio(times_a, times_b, batch)
 
-    def pipelined(self, conn: HttpConn, paths: Sequence[str]) -> list[bytes]:
-        """Batches of ``batch`` requests cycling over ``paths``, pre-encoded."""
-        batch = self.config.batch
+    def pipelined(self, conn: HttpConn, paths: Sequence[str], batch: int | None = None) -> list[bytes]:
+        """Batches of ``batch`` requests (default the config's) cycling over ``paths``,
+        pre-encoded."""
+        batch = batch or self.config.batch
         stream = itertools.cycle(paths)
         batches = []
         for _ in range(max(1, math.lcm(len(paths), batch) // batch)):
@@ -1286,6 +1348,111 @@ class Bench:
             "health_us": statistics.median(r["health"]["baseline_us"] for r in runs),
             "valid": all(r["valid"] for r in runs),
         }
+
+    # -- reads: convert through a pivot, Frankfurter's latest ------------------------------
+    def measure_reads(self, api: Api) -> dict[str, Any]:
+        """convert-through-a-pivot/hit and Frankfurter's latest/hit from alternating pipelined
+        batches (as measure_alternating), beside a hit/hit control.
+
+        The routes' answers are checked first, which also times each serially. A comparison's
+        batches hold at most ``batch`` requests, fewer when the candidate's serial time would
+        make a batch last more than ``reads_batch_s`` (a route that reads the database on
+        every request can take a second: 64 of those would not fit the phase's seconds); both
+        sides of the comparison use that size, with 2 warm pairs instead of 8 when it is smaller
+        (the control keeps the full batch).
+        """
+        config = self.config
+        self.say(f"reads: {config.repeats} x (control {config.reads_control_s:g}s, convert through "
+                 f"{READS_PIVOT} and {READS_LATEST_PATH}, {config.reads_s:g}s each, vs the hit)")
+        conn = api.conn()
+        runs: list[dict[str, Any]] = []
+        try:
+            hot_paths = [rate_path(p) for p in self.hot]
+            hot = self.pipelined(conn, hot_paths)
+            conn.send(hot[0])
+            if {(s, h.get("x-cache")) for s, h, _ in conn.read(config.batch)} != {(200, "hit")}:
+                raise RuntimeError("reads: the hot keys are not all 200 hits")
+            checked = {"convert": self._check_convert(conn), "latest": self._check_latest(conn)}
+            sizes = {name: batch_for(serial_s, config.batch, config.reads_batch_s)
+                     for name, (_, serial_s) in checked.items()}
+            streams = {name: (self.pipelined(conn, hot_paths, sizes[name]),
+                              self.pipelined(conn, paths, sizes[name]))
+                       for name, (paths, _) in checked.items()}
+            for run in range(config.repeats):
+                control = self.alternate(conn, hot, hot, config.reads_control_s)
+                result: dict[str, Any] = {"control": dict(control.__dict__),
+                                          "valid": control_valid(control)}
+                for name, (baseline, candidate) in streams.items():
+                    size = sizes[name]
+                    result[name] = dict(self.alternate(conn, baseline, candidate, config.reads_s,
+                                                       size, 8 if size == config.batch else 2).__dict__)
+                runs.append(result)
+                self.say(f"  run {run + 1}: control {control.ratio:.3f} [{control.low:.3f}, "
+                         f"{control.high:.3f}]; " + "; ".join(
+                             f"{name}/hit {ratio_text(result[name]['ratio'])} "
+                             f"({result[name]['candidate_us']:,.1f} vs {result[name]['baseline_us']:.1f} "
+                             f"us/request, batches of {sizes[name]}, {result[name]['pairs']} pairs)"
+                             for name in streams))
+        finally:
+            conn.close()
+        asyncio.run(self._drop_reads_history())
+        out: dict[str, Any] = {
+            "runs": runs,
+            "control": statistics.median(r["control"]["ratio"] for r in runs),
+            "control_us": statistics.median(r["control"]["baseline_us"] for r in runs),
+            "valid": all(r["valid"] for r in runs),
+        }
+        for name, (paths, serial_s) in checked.items():
+            out[name] = {"ratio": statistics.median(r[name]["ratio"] for r in runs),
+                         "hit_us": statistics.median(r[name]["baseline_us"] for r in runs),
+                         "candidate_us": statistics.median(r[name]["candidate_us"] for r in runs),
+                         "batch": sizes[name], "serial_ms": serial_s * 1000, "paths": paths}
+        return out
+
+    def _check_convert(self, conn: HttpConn) -> tuple[list[str], float]:
+        """READS_CONVERT's paths, each checked to answer 200 through a pivot (`via` not empty),
+        and the median time of one such request, serially."""
+        paths = [f"/v1/convert?from={src}&to={dst}" for src, dst in READS_CONVERT]
+        times = []
+        for path in paths:
+            t0 = time.perf_counter()
+            status, _, body = conn.call("GET", path)
+            times.append(time.perf_counter() - t0)
+            if status != 200 or not json.loads(body).get("via"):
+                raise RuntimeError(f"reads: {path} answered {status} {body[:200]!r}, "
+                                   "not 200 through a pivot (a non-empty via)")
+        return paths, statistics.median(times)
+
+    def _check_latest(self, conn: HttpConn, samples: int = 5) -> tuple[list[str], float]:
+        """READS_LATEST_PATH checked to answer 200 with every seeded currency (and the pivot)
+        in its rates, and the median time of one such request, serially (after a first one)."""
+        expected = (set(READS_CODES) | {READS_PIVOT}) - {"USD"}
+        times = []
+        for _ in range(samples + 1):
+            t0 = time.perf_counter()
+            status, _, body = conn.call("GET", READS_LATEST_PATH)
+            times.append(time.perf_counter() - t0)
+            rates = json.loads(body).get("rates") if status == 200 else None
+            if not isinstance(rates, dict) or not expected <= set(rates):
+                raise RuntimeError(f"reads: {READS_LATEST_PATH} answered {status} {body[:200]!r}, "
+                                   f"not 200 with rates of {', '.join(sorted(expected))}")
+        return [READS_LATEST_PATH], statistics.median(times[1:])
+
+    async def _drop_reads_history(self) -> None:
+        """The Frankfurter history the phase seeded, gone (the history phase measures the
+        whole table's size per row)."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url)
+        try:
+            status = await conn.execute(DELETE_READS_HISTORY, READS_FK_SOURCE, READS_PIVOT,
+                                        list(READS_CODES))
+            await conn.execute("VACUUM rate_history")
+        finally:
+            await conn.close()
+        if int(status.split()[-1]) != len(READS_CODES) * READS_DAYS:
+            self.notes.append(f"reads: deleted {status.split()[-1]} history rows, seeded "
+                              f"{len(READS_CODES) * READS_DAYS}")
 
     # -- propagation and its floor --------------------------------------------------------
     def measure_propagation(self, a: Api, b: Api) -> dict[str, Any]:
@@ -1864,6 +2031,8 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             rows.append(("cache-hit GET vs `/health` (Sanic-encoded headers), alternating batches",
                          f"{alt['health_us']:.1f} us/request (/health)",
                          f"{alt['hit_vs_health']:.3f}", "", ""))
+    if reads := results.get("reads"):
+        rows += reads_rows(reads)
     if results.get("wrk_missing"):
         rows.append(("ceiling, cache-hit and read-through GET, wrk",
                      f"not measured: wrk is not installed ({results['wrk_missing']})", "",
@@ -1938,6 +2107,27 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"{HISTORY_YEARS} years x {HISTORY_PAIRS} pairs, indexes included)",
                      f"{history['bytes_per_row']:.0f} bytes ({history['total_mb']:.1f} MiB)",
                      "", "", ""))
+    return rows
+
+
+def reads_rows(reads: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """The reads phase's rows: its hit/hit control, then each candidate against the hit
+    (no verdict when the control is off)."""
+    valid = reads["valid"]
+    rows = [("control: cache-hit GET vs cache-hit GET, alternating batches (reads)",
+             f"{reads['control_us']:.1f} us/request", f"{reads['control']:.3f}", "1.00 ± 0.02",
+             verdict(valid))]
+    for name, figure, target, floor in (
+            ("convert", f"convert through one pivot (`/v1/convert`, via {READS_PIVOT}) vs cache-hit GET",
+             "convert_pivot_vs_hit_alternating", 0.8),
+            ("latest", f"Frankfurter `{READS_LATEST_PATH}` vs cache-hit GET",
+             "latest_vs_hit_alternating", 0.5)):
+        part = reads[name]
+        rows.append((f"{figure}, alternating batches",
+                     f"{part['candidate_us']:,.1f} vs {part['hit_us']:.1f} us/request "
+                     f"(batches of {part['batch']})",
+                     ratio_text(part["ratio"]) + ("" if valid else " (void: control off)"),
+                     TARGETS[target], verdict(part["ratio"] >= floor if valid else None)))
     return rows
 
 
@@ -2038,7 +2228,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser(
         "bench", help="measure xrates on this machine (own PostgreSQL and API processes)",
         description="Start an embedded PostgreSQL and API instances on 127.0.0.1, measure the "
-                    "ceiling, hit, read-through, miss, propagation (beside the raw NOTIFY floor), "
+                    "ceiling, hit, read-through, miss, convert through a pivot and Frankfurter's "
+                    "latest against the hit, propagation (beside the raw NOTIFY floor), "
                     "propagation and the notifying-commit ceiling with 2, 20 and 100 listeners, "
                     "bulk propagation and memory, print a table and optionally write JSON. Needs "
                     f"wrk for the throughput figures ({WRK_INSTALL_HINT}). Takes under 5 minutes.")

@@ -216,6 +216,55 @@ def test_table_of_a_partial_run_names_what_was_measured() -> None:
     assert "bulk" not in table  # not measured: not shown
 
 
+def test_batch_for_shrinks_a_batch_of_slow_requests_to_the_time_allowed() -> None:
+    assert perf.batch_for(0.0002, 64, 0.05) == 64  # fast: the full batch
+    assert perf.batch_for(0.004, 64, 0.05) == 8  # 12 x 4 ms fit in 50 ms: 8, a power of two
+    assert perf.batch_for(0.003, 64, 0.05) == perf.batch_for(0.002, 64, 0.05) == 16
+    assert perf.batch_for(0.001, 48, 0.05) == 48  # the full batch, a power of two or not
+    assert perf.batch_for(0.8, 64, 0.05) == 1  # never fewer than one request
+    assert perf.batch_for(0.0, 64, 0.05) == 64
+
+
+def test_the_reads_phase_seeds_codes_no_other_phase_uses_and_pairs_only_a_pivot_joins(
+        tmp_path) -> None:
+    assert perf.PHASES.index("reads") == perf.PHASES.index("alternating") + 1
+    bench_codes = {code for pair in perf.Bench(perf.BenchConfig(), tmp_path).pairs for code in pair}
+    history_codes = {"X" + chr(65 + p // 26) + chr(65 + p % 26) for p in range(perf.HISTORY_PAIRS)}
+    seeded = set(perf.READS_CODES) | {perf.READS_PIVOT}
+    assert len(perf.READS_CODES) == len(set(perf.READS_CODES)) and perf.READS_PIVOT not in perf.READS_CODES
+    assert not seeded & (bench_codes | history_codes)
+    assert "USD" in perf.READS_CODES  # the latest route's base
+    for src, dst in perf.READS_CONVERT:  # only READS_PIVOT -> code rows: no direct or inverse row
+        assert src != dst and {src, dst} <= set(perf.READS_CODES)
+
+
+def _reads(control: float, convert: float, latest: float) -> dict[str, object]:
+    def part(ratio: float, batch: int) -> dict[str, object]:
+        return {"ratio": ratio, "hit_us": 100.0, "candidate_us": 100.0 / ratio, "batch": batch}
+
+    return {"control": control, "control_us": 50.0, "valid": perf.control_valid(
+        perf.paired_ratio([1.0], [1.0 / control])), "convert": part(convert, 1),
+        "latest": part(latest, 64)}
+
+
+def test_reads_rows_judge_each_candidate_against_its_target_unless_the_control_is_off() -> None:
+    rows = perf.reads_rows(_reads(1.01, 0.00081, 0.62))
+    assert [r[3] for r in rows] == ["1.00 ± 0.02", ">= 0.8", ">= 0.5"]
+    assert [r[4] for r in rows] == ["yes", "NO", "yes"]
+    assert "/v1/convert" in rows[1][0] and "/v1/latest?base=USD" in rows[2][0]
+    assert rows[1][1] == "123,456.8 vs 100.0 us/request (batches of 1)"
+    assert [r[2] for r in rows] == ["1.010", "0.00081", "0.620"]
+    assert perf.reads_rows(_reads(0.99, 0.85, 0.4))[1:] == [
+        (rows[1][0], "117.6 vs 100.0 us/request (batches of 1)", "0.850", ">= 0.8", "yes"),
+        (rows[2][0], "250.0 vs 100.0 us/request (batches of 64)", "0.400", ">= 0.5", "NO")]
+    void = perf.reads_rows(_reads(1.05, 0.9, 0.9))
+    assert [r[4] for r in void] == ["NO", "n/a", "n/a"]
+    assert all(r[2].endswith("(void: control off)") for r in void[1:])
+    assert perf.build_rows({"reads": _reads(1.0, 0.9, 0.9)}) == perf.reads_rows(_reads(1.0, 0.9, 0.9))
+    assert perf.TARGETS["convert_pivot_vs_hit_alternating"] == ">= 0.8"
+    assert perf.TARGETS["latest_vs_hit_alternating"] == ">= 0.5"
+
+
 def _scale_level(listeners: int, p99_ms: float, commits_per_s: float) -> dict[str, object]:
     return {"listeners": listeners, "commits_per_s": commits_per_s, "catch_up_ms": 12.0,
             "propagation": perf.propagation_summary([_propagation_run(0.5, p99_ms, 1.0)])}
