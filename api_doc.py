@@ -283,6 +283,8 @@ _RATE_GET = (
     "`X-Xrates-Version`) the answer is at least as new as that write, on any instance. "
     + _PAIR_RULE)
 _CONVERT = (
+    "Answered from the instance's memory while its cache holds the whole table. "
+    "`no-cache` with an ETag that changes whenever a rate on the path does (or the answer). "
     "Paths rank by fewer hops, then the priority of their lowest-priority leg (manual, then "
     "XRATES_SOURCES order), then fewer inverted legs (a direct leg first), then "
     "intermediates EUR, USD, then A-Z; `via` lists them in order. Exact arithmetic, rounded "
@@ -336,11 +338,15 @@ DEFINITIONS: dict[str, dict[str, Any]] = {
         response=responses((200, "the rate", {"oneOf": [RATE, HISTORY_RATE]}), NOT_MODIFIED,
                            (404, "no such rate", None), *ERRORS_READ)),
     "rates_list": dict(
-        summary="All rates, optionally filtered (read from the database)",
+        summary="All rates, optionally filtered (from memory while the cache is complete)",
+        description="The current state, ordered by base, quote: answered from the instance's "
+                    "memory while its cache holds the whole table, else from the database. "
+                    "`no-cache` with an ETag that changes whenever a listed rate does.",
         parameter=[parameter("base", CODE, "query"), parameter("quote", CODE, "query")],
         response=responses((200, "rates ordered by base, quote", {
             "type": "object", "properties": {"rates": {"type": "array", "items": RATE},
-                                             "count": {"type": "integer"}}}), *ERRORS_READ)),
+                                             "count": {"type": "integer"}}}), NOT_MODIFIED,
+                           *ERRORS_READ)),
     "rate_create": dict(
         summary="Create a rate (409 if the pair exists)",
         description=f"`base` and `quote` must differ. {RATE_RULES}",
@@ -365,7 +371,7 @@ DEFINITIONS: dict[str, dict[str, Any]] = {
                    parameter("amount", DECIMAL_TEXT, "query"), *_DAY_AND_SOURCE],
         response=responses((200, "the conversion (with `date` when ?date= was given)",
                             {"oneOf": [CONVERT, CONVERT_ON_DAY]}),
-                           (304, "not modified (If-None-Match, with ?date=)", None),
+                           (304, "not modified (If-None-Match)", None),
                            (404, "no path between the currencies", None), *ERRORS_READ)),
     "rate_history": dict(
         summary="A pair's daily history (oldest first)",
@@ -437,8 +443,9 @@ DEFINITIONS: dict[str, dict[str, Any]] = {
                      response=responses((200, "the state", {"type": "object"}))),
     "fk_latest": dict(
         summary="Frankfurter v1: the newest day of the Frankfurter source, however old",
-        description="Frankfurter v1 compatible. `no-cache` with an ETag that changes with the "
-                    "content. " + FK_LENIENCY,
+        description="Frankfurter v1 compatible, answered from the instance's in-memory copy "
+                    "of the source's newest days (kept by history notifications). `no-cache` "
+                    "with an ETag that changes with the content. " + FK_LENIENCY,
         parameter=FK_PARAMS,
         response=fk_responses(FK_RATES, (404, "not found"),
                               (422, "invalid amount / bad currency pair"))),

@@ -25,6 +25,9 @@ Message format (``CHANNEL``; triggers.sql writes it, every payload unique within
 - ``{"op":"u","rows":[[key, version, rate_text, source, as_of, updated_at], ...]}``
 - ``{"op":"d","rows":[[key, version], ...]}`` (``version``: the delete's tombstone)
 - ``{"op":"flush", ...}``: forget everything (TRUNCATE, or ``python admin.py flush``)
+On ``HISTORY_CHANNEL`` (same connection, so in commit order with the rest):
+- ``{"op":"h","sources":[name, ...]}``: those sources' history changed (``null``: every
+  source's, a TRUNCATE)
 Heartbeats (own channel): ``{"n": number, "t": unix time sent}``.
 """
 
@@ -45,6 +48,7 @@ import asyncpg
 log = logging.getLogger("xrates.listener")
 
 CHANNEL = "xrates"  # must equal xrates_channel() in triggers.sql (tested)
+HISTORY_CHANNEL = "xrates_history"  # rate_history_notify() in triggers.sql (tested)
 HEARTBEAT_CHANNEL_PREFIX = "xrates_hb_"
 SLICE_ROWS = 100  # notification rows applied per event-loop iteration before yielding
 APPLICATION_NAME = "xrates-listener"
@@ -61,6 +65,8 @@ class Sink(Protocol):
     def deleted(self, rows: Sequence[DeleteRow]) -> None: ...
 
     def flushed(self) -> None: ...
+
+    def history_changed(self, sources: Sequence[str] | None) -> None: ...
 
     def barrier_passed(self, number: int) -> None: ...
 
@@ -209,6 +215,9 @@ class Feed:
         elif op == "flush":
             sink.flushed()
             return 1
+        elif op == "h":
+            sink.history_changed(message["sources"])
+            return 1
         elif op == "hb":
             return 1  # a heartbeat of an older release on the shared channel: not ours
         else:
@@ -287,6 +296,7 @@ class Feed:
         self._lost.clear()
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(CHANNEL, self._on_notify)
+        await conn.add_listener(HISTORY_CHANNEL, self._on_notify)
         await conn.add_listener(self.heartbeat_channel, self._on_heartbeat)
         self.backend_pid = conn.get_server_pid()
         return conn

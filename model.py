@@ -366,6 +366,10 @@ class Store:
                                        rate_source)
         # how list, conversion and Frankfurter reads were answered: memory or database
         self.view_outcomes = {"memory": 0, "database": 0}
+        # The Frankfurter source's newest days, kept by history notifications (views.py), and
+        # the loads a refill runs after the rates' (sanic_app registers the Frankfurter one).
+        self.source_windows = views.SourceWindows()
+        self.warmers: list[Callable[[], Awaitable[object]]] = []
         self.pool: asyncpg.Pool | None = None
         self.listener: Feed | None = None
         self.timeout_s = settings.db_timeout_s
@@ -480,7 +484,11 @@ class Store:
             for key, version in rows:
                 self._signal(key, version)
 
+    def history_changed(self, sources: Sequence[str] | None) -> None:
+        self.source_windows.changed(sources)
+
     def flushed(self) -> None:
+        self.source_windows.changed(None)
         self.cache.flush()
         self.hub.flushed()
         self._wake_all()  # the entries they wait for are gone: read the database
@@ -490,11 +498,13 @@ class Store:
         self.cache.pass_barrier(number)
 
     def trusted(self) -> None:
+        self.source_windows.changed(None)  # a read begun before is not trusted
         self.cache.enable()
         self.hub.listener_up()
         self._start_refill()
 
     def untrusted(self, _reason: str) -> None:
+        self.source_windows.changed(None)
         self.cache.disable()
         self.hub.listener_down()
         self._wake_all()  # no notification will come: read the database
@@ -517,6 +527,8 @@ class Store:
         started = time.perf_counter()
         try:
             stored = await self.refill()
+            for warm in self.warmers:
+                await warm()
         except Unavailable as exc:  # the cache fills by misses instead
             log.warning("event=refill_failed reason=%r", str(exc))
             return
@@ -757,6 +769,26 @@ class Store:
         version = {r["base"] + r["quote"]: r["version"] for r in records}
         return views.PathAnswer(path, tuple(version[leg.row.base + leg.row.quote]
                                             for leg in path.legs), path.rate)
+
+    async def source_window(self, source: str, today: date,
+                            load: Callable[[], Awaitable[views.SourceDays]],
+                            counted: bool = True) -> views.SourceDays:
+        """A source's newest days as of ``today``: the in-memory copy while the listener is
+        trusted and no change of the source's history arrived since it was read; else
+        ``load()`` from the database (kept as the copy if nothing changed meanwhile).
+        ``counted``: a read that answers a request (the refill's is not)."""
+        windows = self.source_windows
+        if self.cache.enabled:
+            days = windows.cached(source, today)
+            if days is not None:
+                self.view_outcomes["memory"] += counted
+                return days
+        self.view_outcomes["database"] += counted
+        generation = windows.generation
+        days = await load()
+        if self.cache.enabled:
+            windows.offer(generation, source, days)
+        return days
 
     async def _direct_path(self, src: str, dst: str) -> views.PathAnswer | None:
         """Direct or inverse through the cache's single-pair reads (hits, or misses that fill

@@ -46,6 +46,7 @@ import model
 import sources as source_registry  # GET /v1/sources, the Frankfurter source: public metadata
 import stream
 import util
+import views
 from api_doc import FK_TYPE, HTML_TYPE, JSON_TYPE, RUN_STATUSES, doc
 from sources import MAX_DIGITS, MAX_RATE, MIN_RATE, significant_digits  # the contract §3 rate rules
 
@@ -238,6 +239,8 @@ _READ_METHODS = frozenset(("GET", "HEAD"))
 async def start_store(app: Sanic) -> None:
     settings = app.ctx.settings
     store = model.Store(settings)
+    # A refill also copies the Frankfurter source's newest days (/ready waits for both).
+    store.warmers.append(functools.partial(fk_days, store, app.ctx.frankfurter, counted=False))
     await store.start(settings.database_url or util.database_url(settings))
     app.ctx.store = store
     app.ctx.metrics = metrics.WorkerMetrics(store)
@@ -1079,12 +1082,31 @@ def fk_routes(routes: tuple[tuple[str, str], ...], documented_as: str
 )
 async def fk_latest(request: Request) -> HTTPResponse:
     query = frankfurter.parse_query(fk_args(request))
-    store, fk, today = store_of(request), fk_source(request), utc_today()
-    newest = await model.source_newest_day(store, fk.name, today)
-    if newest is None:
+    store, fk = store_of(request), fk_source(request)
+    days = await fk_days(store, fk)
+    if days.newest is None:
         raise frankfurter.FrankfurterError(404, frankfurter.NOT_FOUND)
-    history = await fk_history(store, fk, days_before(newest, LOOKBACK_DAYS), newest)
-    return fk_response(request, frankfurter.latest(history, fk.pivot, query, today), False)
+    body = days.bodies.get(request.query_string)
+    if body is None:  # made once per query and copy of the days
+        body = frankfurter.encode(frankfurter.latest(days.history, fk.pivot, query, days.today))
+        days.remember(request.query_string, body)
+    return content_response(request, body, False, FK_TYPE)
+
+
+async def fk_days(store: model.Store, fk: FrankfurterSource, counted: bool = True
+                  ) -> views.SourceDays:
+    """The Frankfurter source's newest day and the lookback before it: from memory while it
+    is current (model.Store.source_window), else read from the database (``counted``: for a
+    request, not the refill)."""
+    today = utc_today()
+
+    async def load() -> views.SourceDays:
+        newest = await model.source_newest_day(store, fk.name, today)
+        history = ({} if newest is None else
+                   await fk_history(store, fk, days_before(newest, LOOKBACK_DAYS), newest))
+        return views.SourceDays(today, newest, history)
+
+    return await store.source_window(fk.name, today, load, counted)
 
 
 @fk_routes(
@@ -1115,11 +1137,10 @@ async def fk_when(request: Request, when: str) -> HTTPResponse:
 )
 async def fk_currencies(request: Request) -> HTTPResponse:
     store, fk = store_of(request), fk_source(request)
-    newest = await model.source_newest_day(store, fk.name, utc_today())
+    days = await fk_days(store, fk)
     codes: set[str] = set()
-    if newest is not None:
-        history = await fk_history(store, fk, days_before(newest, LOOKBACK_DAYS), newest)
-        codes = {code for rates in history.values() for code in rates} | {fk.pivot}
+    if days.newest is not None:
+        codes = {code for rates in days.history.values() for code in rates} | {fk.pivot}
     return fk_response(request, frankfurter.currency_names(codes), False)
 
 

@@ -307,8 +307,9 @@ CREATE TABLE IF NOT EXISTS updater_schedule (
 -- as_of. Written by whoever writes the data, in the same transaction as the current-table write
 -- (the updater for every day of a payload, the API for its writes); never derived from `rate`,
 -- which keeps only the priority winner. A day keeps the newest value a source gave for it; an
--- identical value changes nothing (see model.HISTORY_UPSERT). No triggers: history sends no
--- notifications (caches hold the current table only).
+-- identical value changes nothing (see model.HISTORY_UPSERT). Statement triggers notify
+-- 'xrates_history' with the sources whose days changed (below): each API instance keeps the
+-- Frankfurter source's newest days in memory and drops that copy on such a notification.
 CREATE TABLE IF NOT EXISTS rate_history (
     source     text        NOT NULL CHECK (source ~ '^[a-z][a-z0-9_-]{0,31}$'),
     base       char(3)     NOT NULL CHECK (base ~ '^[A-Z]{3}$'),
@@ -325,6 +326,39 @@ CREATE TABLE IF NOT EXISTS rate_history (
 CREATE INDEX IF NOT EXISTS rate_history_pair_day ON rate_history (base, quote, day);
 -- One source's days (the Frankfurter routes: newest day, a day's rows, ranges).
 CREATE INDEX IF NOT EXISTS rate_history_source_day ON rate_history (source, day);
+
+-- History changes: {"op":"h","sources":[...]} on 'xrates_history' (listener.HISTORY_CHANNEL),
+-- the distinct sources of the statement's rows; {"op":"h","sources":null} after a TRUNCATE
+-- (every source). A statement that changed no row sends nothing. Its own channel, so that an
+-- instance of an older release (which LISTENs on 'xrates' only) never sees an op it does not
+-- know; one connection LISTENs on both, so they arrive in commit order.
+CREATE OR REPLACE FUNCTION rate_history_notify() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+DECLARE
+    changed text;
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM pg_notify('xrates_history', '{"op":"h","sources":null}');
+        RETURN NULL;
+    END IF;
+    SELECT json_agg(DISTINCT source)::text INTO changed FROM changed_history;
+    IF changed IS NOT NULL THEN
+        PERFORM pg_notify('xrates_history', '{"op":"h","sources":' || changed || '}');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER rate_history_notify_insert AFTER INSERT ON rate_history
+    REFERENCING NEW TABLE AS changed_history
+    FOR EACH STATEMENT EXECUTE FUNCTION rate_history_notify();
+CREATE OR REPLACE TRIGGER rate_history_notify_update AFTER UPDATE ON rate_history
+    REFERENCING NEW TABLE AS changed_history
+    FOR EACH STATEMENT EXECUTE FUNCTION rate_history_notify();
+CREATE OR REPLACE TRIGGER rate_history_notify_delete AFTER DELETE ON rate_history
+    REFERENCING OLD TABLE AS changed_history
+    FOR EACH STATEMENT EXECUTE FUNCTION rate_history_notify();
+CREATE OR REPLACE TRIGGER rate_history_notify_truncate AFTER TRUNCATE ON rate_history
+    FOR EACH STATEMENT EXECUTE FUNCTION rate_history_notify();
 
 -- update_run.trigger accepts 'backfill' (python updater.py --backfill). Databases created
 -- before carry the inline CHECK of two values: replace it, once (the DO block leaves an

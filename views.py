@@ -1,4 +1,5 @@
-"""Lists and conversion paths answered from a complete cache: pure, no I/O.
+"""Lists and conversion paths answered from a complete cache, and the in-memory copy of one
+source's newest days behind Frankfurter's `/v1/latest`: pure, no I/O.
 
 A complete cache (``cache.RateCache.complete``) holds every row of the table, so the rows a
 list or a path needs are all in memory: ``CurrencyIndex`` finds them by currency and
@@ -11,11 +12,18 @@ A path needs only the rows around its two ends: every direct, inverse or one-int
 path uses rows of ``src`` or ``dst``, and a two-intermediate path ``src → a → b → dst``
 adds one row between a neighbour of ``src`` and one of ``dst``. The search runs on those rows
 (``convert.Graph``), so it ranks exactly as over the whole table.
+
+``SourceWindows`` keeps, per source, the days the Frankfurter routes read (its newest day and
+the lookback before it), copied from the database and guarded like a fill: every history
+change of the source (a notification on ``listener.HISTORY_CHANNEL``), every flush and every
+listener gap bumps the generation, and a copy whose read began before the bump is not kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -24,6 +32,7 @@ import convert
 from cache import RateCache
 
 MEMO_PATHS = 4096  # (src, dst) answers kept per generation
+MEMO_BODIES = 256  # answers kept per source window copy (by query)
 
 
 class PathAnswer(NamedTuple):
@@ -129,3 +138,49 @@ class MemoryViews:
                 rows[key] = convert.RateRow(value.base, value.quote, Decimal(value.rate),
                                             self.source_of(value))
         return rows
+
+
+# ----------------------------------------------------------------------------- source windows
+@dataclass
+class SourceDays:
+    """One source's newest day (None: it has none) and the days the routes read with it, as
+    loaded for ``today``; ``bodies`` keeps answers made from it, by query."""
+
+    today: date
+    newest: date | None
+    history: Any
+    bodies: dict[str, bytes] = field(default_factory=dict)
+
+    def remember(self, query: str, body: bytes) -> None:
+        if len(self.bodies) >= MEMO_BODIES:
+            self.bodies.clear()
+        self.bodies[query] = body
+
+
+class SourceWindows:
+    """The in-memory copies of sources' newest days (module docstring)."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._copies: dict[str, SourceDays] = {}
+
+    def changed(self, sources: Sequence[str] | None) -> None:
+        """These sources' history changed (None: every source's, or trust was lost)."""
+        self.generation += 1
+        if sources is None:
+            self._copies.clear()
+        else:
+            for source in sources:
+                self._copies.pop(source, None)
+
+    def cached(self, source: str, today: date) -> SourceDays | None:
+        days = self._copies.get(source)
+        return days if days is not None and days.today == today else None
+
+    def offer(self, generation: int, source: str, days: SourceDays) -> bool:
+        """Keep a copy read from the database since ``generation``: only if nothing changed
+        since the read began."""
+        if generation != self.generation:
+            return False
+        self._copies[source] = days
+        return True

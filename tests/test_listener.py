@@ -38,6 +38,9 @@ class Recorder:
     def flushed(self) -> None:
         self.events.append(("flush",))
 
+    def history_changed(self, sources) -> None:
+        self.events.append(("h", sources))
+
     def barrier_passed(self, number: int) -> None:
         self.events.append(("barrier", number))
 
@@ -228,3 +231,38 @@ async def test_a_heartbeat_barrier_waits_behind_the_burst_that_arrived_before_it
     await _drained(feed)
     assert store.cache.lookup(absent).value is not None  # the change, not the 404
 
+
+
+HISTORY_ROW = ("INSERT INTO rate_history (source, base, quote, day, rate, as_of) "
+               "VALUES ($1, 'EUR', 'USD', '2026-11-30', $2, '2026-11-30T16:00:00Z') "
+               "ON CONFLICT (source, base, quote, day) DO UPDATE SET rate = EXCLUDED.rate "
+               "WHERE rate_history.rate <> EXCLUDED.rate")
+
+
+async def test_history_changes_reach_the_feed_by_source_in_commit_order(db_url, sql) -> None:
+    """triggers.sql's history notifications, on their own channel, through a real feed: the
+    sources a statement changed, nothing for a statement that changed no row, null (every
+    source) for a TRUNCATE, in commit order with the rate changes."""
+    async def send(channel: str, payload: str) -> None:
+        await sql.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    recorder = Recorder()
+    feed = listener.Feed(db_url, recorder, send, heartbeat_s=0.2, heartbeat_timeout_s=2.0)
+    feed.start()
+    try:
+        await wait_for(lambda: _true(recorder.ups), 10, what="listener trusted")
+        await sql.execute(HISTORY_ROW, "ecb", 1.08)
+        await sql.execute(HISTORY_ROW, "ecb", 1.08)  # the same value: no row changes
+        await sql.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
+                          "VALUES ('EUR', 'USD', 1.08, 'ecb', now())")
+        await sql.execute(HISTORY_ROW, "boc", 1.09)
+        await sql.execute("TRUNCATE rate_history")
+
+        def seen() -> list[tuple]:
+            return [e for e in recorder.events if e[0] in ("h", "u")]
+
+        await wait_for(lambda: _true(len(seen()) >= 4), 5, what="four notifications")
+        assert [(e[0], e[1]) for e in seen()] == [
+            ("h", ["ecb"]), ("u", "EURUSD"), ("h", ["boc"]), ("h", None)]
+    finally:
+        await feed.close()

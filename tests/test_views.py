@@ -5,6 +5,8 @@ complete)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import asyncpg
 import httpx
 import pytest
@@ -154,3 +156,43 @@ async def test_a_table_larger_than_the_cache_is_listed_and_converted_from_the_da
     pivot = (await api.client.get("/v1/convert", params={"from": "USD", "to": "SEK"})).json()
     assert pivot["via"] == ["EUR"] and pivot["rate"] == pytest.approx(6 / 2)
     assert await metric(api, 'xrates_view_reads_total{served="database"}') == 2
+
+
+# --------------------------------------------------------------------------- Frankfurter latest
+FK_ROW = ("INSERT INTO rate_history (source, base, quote, day, rate, as_of) "
+          "SELECT 'ecb', 'EUR', quote, $1::date, rate, $1::date + time '16:00' AT TIME ZONE 'UTC' "
+          "FROM unnest($2::text[], $3::numeric[]) AS t(quote, rate)")
+
+
+@pytest.mark.timeout(60)
+async def test_frankfurter_latest_is_answered_from_memory_and_follows_history_changes(
+        db_url: str, sql: asyncpg.Connection, start_api) -> None:
+    today = datetime.now(UTC).date()
+    await sql.execute(FK_ROW, today - timedelta(days=1), ["USD", "GBP"], [1.25, 0.8])
+    api = await start_api(db_url, env={"XRATES_SOURCES": "ecb"})
+    client = api.client
+    # The refill copied the source's newest days (/ready waited for it): no request reads them.
+    loaded = await metric(api, 'xrates_view_reads_total{served="database"}')
+    assert loaded == 0
+    for _ in range(3):
+        latest = await client.get("/v1/latest", params={"base": "USD"})
+        assert latest.json() == {"amount": 1.0, "base": "USD",
+                                 "date": (today - timedelta(days=1)).isoformat(),
+                                 "rates": {"EUR": 0.8, "GBP": 0.64}}
+    currencies = (await client.get("/v1/currencies")).json()
+    assert set(currencies) == {"EUR", "GBP", "USD"}
+    assert await metric(api, 'xrates_view_reads_total{served="database"}') == loaded
+    etag = latest.headers["etag"]
+    again = await client.get("/v1/latest", params={"base": "USD"}, headers={"If-None-Match": etag})
+    assert again.status_code == 304
+    # A new day written elsewhere (the updater's statement) reaches the copy by notification.
+    await sql.execute(FK_ROW, today, ["USD", "GBP"], [1.6, 0.8])
+
+    async def new_day() -> bool:
+        body = (await client.get("/v1/latest", params={"base": "USD"})).json()
+        return body["date"] == today.isoformat() and body["rates"]["EUR"] == 0.625
+
+    await wait_for(new_day, 5, what="latest to show the new day")
+    changed = await client.get("/v1/latest", params={"base": "USD"}, headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert await metric(api, 'xrates_view_reads_total{served="database"}') == loaded + 1
