@@ -138,7 +138,15 @@ SELECT_RUNS = (
 # ----- /v1/convert through intermediates, GET /v1/sources
 # Every current rate with its source, for the path search (convert.py): one row per pair, a
 # few thousand at most. rate as numeric: asyncpg gives an exact Decimal.
-SELECT_PATH_RATES = "SELECT base, quote, rate, source, version FROM rate"
+# /v1/convert when the cache is not complete: the rows around a path's two ends, and only if
+# they hold no path of at most one intermediate, the rows between their neighbours (views.py
+# searches the same rows in memory). Both in one read-only snapshot.
+_PATH_COLUMNS = "base, quote, rate, source, version"
+SELECT_PATH_ROWS_AROUND = (
+    f"SELECT {_PATH_COLUMNS} FROM rate WHERE base IN ($1, $2) OR quote IN ($1, $2)")
+SELECT_PATH_ROWS_BETWEEN = (
+    f"SELECT {_PATH_COLUMNS} FROM rate WHERE (base = ANY($1::text[]) AND quote = ANY($2::text[])) "
+    "OR (base = ANY($2::text[]) AND quote = ANY($1::text[]))")
 # The warm refill's one statement: the most recently changed rows the cache can hold.
 SELECT_REFILL = f"SELECT {_RATE_COLUMNS} FROM rate ORDER BY updated_at DESC LIMIT $1"
 # Rows offered per loop iteration (about 6 ms of building rates on the benchmark machine):
@@ -761,13 +769,13 @@ class Store:
         direct = await self._direct_path(src, dst)
         if direct is not None:
             return direct
-        records = await self._fetch(SELECT_PATH_RATES)
-        rows = [(r["base"], r["quote"], r["rate"], r["source"]) for r in records]
+        records = await self._in_transaction(
+            functools.partial(_path_records, src=src, dst=dst, priority=self.views.priority))
+        rows = [(r["base"], r["quote"], r["rate"], r["source"]) for r in records.values()]
         path = convert.Graph(rows, self.views.priority).best_path(src, dst)
         if path is None:
             return views.PathAnswer(None, (), None)
-        version = {r["base"] + r["quote"]: r["version"] for r in records}
-        return views.PathAnswer(path, tuple(version[leg.row.base + leg.row.quote]
+        return views.PathAnswer(path, tuple(records[leg.row.base + leg.row.quote]["version"]
                                             for leg in path.legs), path.rate)
 
     async def source_window(self, source: str, today: date,
@@ -1150,6 +1158,29 @@ async def insert_backfill_run(conn: asyncpg.Connection, runner: str,
 async def has_history(conn: asyncpg.Connection, source: str) -> bool:
     """Whether ``source`` has any history yet (admin.py up: the demo backfill runs once)."""
     return await conn.fetchval(HAS_HISTORY, source)
+
+
+async def _path_records(conn: asyncpg.Connection, *, src: str, dst: str,
+                        priority: convert.Priority) -> dict[str, asyncpg.Record]:
+    """The rows a path from ``src`` to ``dst`` can use (see SELECT_PATH_ROWS_AROUND), by key,
+    read in one snapshot (the caller's transaction, made repeatable here)."""
+    await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    records = {r["base"] + r["quote"]: r
+               for r in await conn.fetch(SELECT_PATH_ROWS_AROUND, src, dst)}
+    rows = [(r["base"], r["quote"], r["rate"], r["source"]) for r in records.values()]
+    if convert.Graph(rows, priority).best_path(src, dst, 1) is not None:
+        return records
+    near: dict[str, set[str]] = {src: set(), dst: set()}
+    for key in records:
+        base, quote = key[:3], key[3:]
+        for end, other in ((base, quote), (quote, base)):
+            if end in near:
+                near[end].add(other)
+    near_src, near_dst = near[src] - {dst}, near[dst] - {src}
+    if near_src and near_dst:
+        for r in await conn.fetch(SELECT_PATH_ROWS_BETWEEN, list(near_src), list(near_dst)):
+            records[r["base"] + r["quote"]] = r
+    return records
 
 
 async def _delete_with_history(conn: asyncpg.Connection, *, base: str, quote: str) -> int | None:

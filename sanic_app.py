@@ -456,6 +456,11 @@ def plain(number: Decimal | Fraction) -> str:
 @bp.get("/v1/convert", name="convert")
 @doc("convert")
 async def convert(request: Request) -> HTTPResponse:
+    store = store_of(request)
+    memoised = store.views.answer(request.query_string)  # only valid queries are kept
+    if memoised is not None:
+        store.view_outcomes["memory"] += 1
+        return content_answer(request, *memoised, fixed=False)
     src, dst = query_arg(request, "from"), query_arg(request, "to")
     if src is None:
         raise invalid("from", "is required")
@@ -466,7 +471,7 @@ async def convert(request: Request) -> HTTPResponse:
         raise invalid("to", "must differ from from")
     raw_amount = query_arg(request, "amount")
     amount = parse_decimal(raw_amount, "amount") if raw_amount is not None else Decimal(1)
-    store, sources = store_of(request), settings_of(request).sources
+    sources = settings_of(request).sources
     if request.query_string and ("date" in request.args or "source" in request.args):
         return await convert_on_day(request, store, src, dst, amount, sources)
     answer = await store.conversion_path(src, dst)
@@ -477,8 +482,10 @@ async def convert(request: Request) -> HTTPResponse:
     result = rate if amount == 1 else Fraction(amount) * rate
     body = (_convert_body(src, dst, amount, rate, result, answer.path.via) + "}").encode()
     # The ETag covers the versions of the rows on the path, not only the rounded numbers.
-    return content_response(request, body, fixed=False,
-                            etag_of=body + repr(answer.versions).encode())
+    digest = hashlib.blake2b(body + repr(answer.versions).encode(), digest_size=12)
+    etag = '"' + digest.hexdigest() + '"'
+    store.views.remember(request.query_string, answer, body, etag)
+    return content_answer(request, body, etag, fixed=False)
 
 
 def _convert_body(src: str, dst: str, amount: Decimal, rate: Fraction, result: Fraction,
@@ -833,12 +840,27 @@ def content_response(request: Request, body: bytes, fixed: bool,
     """200 (or 304 on a matching If-None-Match) with a content ETag (of ``etag_of``, by
     default the body) and the §8 caching."""
     digest = hashlib.blake2b(body if etag_of is None else etag_of, digest_size=12)
-    etag = '"' + digest.hexdigest() + '"'
-    headers = {"ETag": etag, "Cache-Control": PAST_CACHE if fixed else "no-cache"}
+    return content_answer(request, body, '"' + digest.hexdigest() + '"', fixed, content_type)
+
+
+# Content answers are reads with constant header lines but their ETag: pre-encoded, as hits.
+_CONTENT_HEADERS = {
+    (fixed, content_type): internals.constant_headers({
+        "content-type": content_type, "Cache-Control": PAST_CACHE if fixed else "no-cache",
+        "Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": READ_EXPOSE})
+    for fixed in (False, True) for content_type in (JSON_TYPE, FK_TYPE)
+}
+
+
+def content_answer(request: Request, body: bytes, etag: str, fixed: bool,
+                   content_type: str = JSON_TYPE) -> HTTPResponse:
+    """``content_response`` with its ETag already made (a memoised answer)."""
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None and etag_matches(if_none_match, etag):
-        return HTTPResponse(status=304, headers=headers)
-    return HTTPResponse(body, content_type=content_type, headers=headers)
+        return HTTPResponse(status=304, headers={
+            "ETag": etag, "Cache-Control": PAST_CACHE if fixed else "no-cache"})
+    return internals.PreEncodedResponse(body, etag, _CONTENT_HEADERS[(fixed, content_type)],
+                                        content_type)
 
 
 def source_rank(source: str, sources: tuple[str, ...]) -> tuple[int, str]:
@@ -1081,16 +1103,18 @@ def fk_routes(routes: tuple[tuple[str, str], ...], documented_as: str
     "fk_latest",
 )
 async def fk_latest(request: Request) -> HTTPResponse:
-    query = frankfurter.parse_query(fk_args(request))
     store, fk = store_of(request), fk_source(request)
     days = await fk_days(store, fk)
+    known = days.bodies.get(request.query_string)  # only valid queries are kept
+    if known is not None:
+        return content_answer(request, *known, fixed=False, content_type=FK_TYPE)
+    query = frankfurter.parse_query(fk_args(request))
     if days.newest is None:
         raise frankfurter.FrankfurterError(404, frankfurter.NOT_FOUND)
-    body = days.bodies.get(request.query_string)
-    if body is None:  # made once per query and copy of the days
-        body = frankfurter.encode(frankfurter.latest(days.history, fk.pivot, query, days.today))
-        days.remember(request.query_string, body)
-    return content_response(request, body, False, FK_TYPE)
+    body = frankfurter.encode(frankfurter.latest(days.history, fk.pivot, query, days.today))
+    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    days.remember(request.query_string, body, etag)  # made once per query and copy
+    return content_answer(request, body, etag, False, FK_TYPE)
 
 
 async def fk_days(store: model.Store, fk: FrankfurterSource, counted: bool = True

@@ -41,6 +41,7 @@ class PathAnswer(NamedTuple):
     path: convert.Path | None
     versions: tuple[int, ...]
     rate: Fraction | None  # the path's exact rate, computed once
+    generation: int | None = None  # the cache generation it was found at (None: database)
 
 
 class MemoryViews:
@@ -55,6 +56,8 @@ class MemoryViews:
         self._all: tuple[int, list[Any]] = (-1, [])
         self._paths: dict[tuple[str, str], PathAnswer] = {}
         self._paths_generation = -1
+        # answers made from those paths, by query string: (body, ETag)
+        self._answers: dict[str, tuple[bytes, str]] = {}
 
     # -- GET /v1/rates ---------------------------------------------------------------------
     def rates(self, base: str | None, quote: str | None) -> list[Any] | None:
@@ -93,11 +96,26 @@ class MemoryViews:
             return None
         if self._paths_generation != cache.generation or len(self._paths) >= MEMO_PATHS:
             self._paths.clear()
+            self._answers.clear()
             self._paths_generation = cache.generation
         answer = self._paths.get((src, dst))
         if answer is None:
             answer = self._paths[(src, dst)] = self._search(src, dst)
         return answer
+
+    def answer(self, query: str) -> tuple[bytes, str] | None:
+        """A conversion's answer (body, ETag) remembered for this exact query string at the
+        cache's current generation (``remember``), if the cache is still complete."""
+        if self._paths_generation != self.cache.generation or not self.cache.complete:
+            return None
+        return self._answers.get(query)
+
+    def remember(self, query: str, answer: PathAnswer, body: bytes, etag: str) -> None:
+        """Keep the answer made from ``answer`` for ``query`` while the generation it was
+        found at lasts (an answer read from the database is not kept)."""
+        if (answer.generation is not None and answer.generation == self._paths_generation
+                == self.cache.generation and len(self._answers) < MEMO_PATHS):
+            self._answers[query] = (body, etag)
 
     def _search(self, src: str, dst: str) -> PathAnswer:
         index = self.cache.index
@@ -111,15 +129,16 @@ class MemoryViews:
                     if second != src:
                         rows |= self._rows_between(first, second)
             path = convert.Graph(rows.values(), self.priority).best_path(src, dst, 2)
+        generation = self.cache.generation
         if path is None:
-            return PathAnswer(None, (), None)
+            return PathAnswer(None, (), None, generation)
         peek = self.cache.peek
         versions = []
         for leg in path.legs:
             entry = peek(leg.row.base + leg.row.quote)
             assert entry is not None  # the row was read from the cache just now
             versions.append(entry.version)
-        return PathAnswer(path, tuple(versions), path.rate)
+        return PathAnswer(path, tuple(versions), path.rate, generation)
 
     def _rows_around(self, code: str, near: set[str]) -> dict[str, convert.RateRow]:
         rows: dict[str, convert.RateRow] = {}
@@ -144,17 +163,17 @@ class MemoryViews:
 @dataclass
 class SourceDays:
     """One source's newest day (None: it has none) and the days the routes read with it, as
-    loaded for ``today``; ``bodies`` keeps answers made from it, by query."""
+    loaded for ``today``; ``bodies`` keeps answers (body, ETag) made from it, by query."""
 
     today: date
     newest: date | None
     history: Any
-    bodies: dict[str, bytes] = field(default_factory=dict)
+    bodies: dict[str, tuple[bytes, str]] = field(default_factory=dict)
 
-    def remember(self, query: str, body: bytes) -> None:
+    def remember(self, query: str, body: bytes, etag: str) -> None:
         if len(self.bodies) >= MEMO_BODIES:
             self.bodies.clear()
-        self.bodies[query] = body
+        self.bodies[query] = (body, etag)
 
 
 class SourceWindows:

@@ -287,7 +287,8 @@ async def test_health_ready_metrics(api: httpx.AsyncClient) -> None:
                  "xrates_notifications_applied_total", "xrates_listener_connected",
                  "xrates_listener_reconnects_total", "xrates_request_duration_seconds_bucket",
                  "xrates_notification_lag_seconds", "xrates_notification_queue_usage",
-                 'xrates_gc_longest_pause_seconds{generation="2"}'):
+                 'xrates_gc_longest_pause_seconds{generation="2"}', "xrates_cache_complete",
+                 'xrates_view_reads_total{served="memory"}'):
         assert name in text, name
     connected = [line for line in text.splitlines()
                  if line.startswith("xrates_listener_connected")]

@@ -88,3 +88,11 @@ def test_the_check_notices_sanic_framing_stream_chunks_otherwise(monkeypatch) ->
 
 def test_a_chunk_writer_is_only_given_for_a_chunked_http11_stream() -> None:
     assert internals.chunk_writer(object(), 1024) is None  # not a streaming response
+
+
+def test_the_check_refuses_an_interpreter_where_untracking_does_nothing(monkeypatch) -> None:
+    import cache
+
+    monkeypatch.setattr(cache, "untracked", lambda obj: obj)  # as if the C call had no effect
+    with pytest.raises(internals.InternalsMismatch, match="PyObject_GC_UnTrack"):
+        internals.check()

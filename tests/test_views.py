@@ -153,9 +153,15 @@ async def test_a_table_larger_than_the_cache_is_listed_and_converted_from_the_da
     assert await metric(api, "xrates_cache_complete") == 0
     listed = (await api.client.get("/v1/rates", params={"base": "EUR"})).json()
     assert [r["quote"] for r in listed["rates"]] == ["CHF", "GBP", "JPY", "SEK", "USD"]
+    await sql.execute("INSERT INTO rate (base, quote, rate, source, as_of) "
+                      "VALUES ('NOK', 'SEK', 0.9, 'manual', now())")
     pivot = (await api.client.get("/v1/convert", params={"from": "USD", "to": "SEK"})).json()
     assert pivot["via"] == ["EUR"] and pivot["rate"] == pytest.approx(6 / 2)
-    assert await metric(api, 'xrates_view_reads_total{served="database"}') == 2
+    two = (await api.client.get("/v1/convert", params={"from": "USD", "to": "NOK"})).json()
+    assert two["via"] == ["EUR", "SEK"] and two["rate"] == pytest.approx(0.5 * 6 / 0.9)
+    none = await api.client.get("/v1/convert", params={"from": "USD", "to": "PLN"})
+    assert none.status_code == 404
+    assert await metric(api, 'xrates_view_reads_total{served="database"}') == 4
 
 
 # --------------------------------------------------------------------------- Frankfurter latest
