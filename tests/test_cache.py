@@ -532,14 +532,10 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
             if self.cache.lookup(key) is not None:
                 continue
             newest = max(self.applied_max.get(key, 0), self.served_max.get(key, 0))
-            later = [v for (k, v) in self.history if k == key and v > newest]
-            assert any(self._state_at(key, v) is None for v in [newest, *later]), (
-                key, newest, self.db.get(key))
-
-    def _state_at(self, key: str, version: int) -> str | None:
-        """The key's value as of ``version`` (None: no row)."""
-        versions = [v for (k, v) in self.history if k == key and v <= version]
-        return self.history[(key, max(versions))] if versions else None
+            states = sorted((v, value) for (k, v), value in self.history.items() if k == key)
+            as_of_newest = [value for v, value in states if v <= newest][-1:] or [None]
+            later = [value for v, value in states if v > newest]
+            assert None in as_of_newest + later, (key, newest, self.db.get(key))
 
     @invariant()
     def the_index_lists_the_live_entries(self) -> None:
@@ -592,7 +588,8 @@ class CompleteCacheAgainstDatabase(CacheAgainstDatabase):
     CACHE_SIZE, FLOOR_CAP = 4, 8
 
 
-CompleteCacheAgainstDatabase.TestCase.settings = CacheAgainstDatabase.TestCase.settings
+CompleteCacheAgainstDatabase.TestCase.settings = settings(
+    CacheAgainstDatabase.TestCase.settings, max_examples=1000)
 test_complete_cache_against_database = CompleteCacheAgainstDatabase.TestCase
 
 
