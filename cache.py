@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 _dict_get = dict.get  # see RateCache.apply
+_intern = sys.intern
 _is_tracked = gc.is_tracked
 _gc_untrack = ctypes.pythonapi.PyObject_GC_UnTrack
 _gc_untrack.argtypes = (ctypes.py_object,)
@@ -121,7 +123,8 @@ class CurrencyIndex:
         self.by_quote: dict[str, set[str]] = {}
 
     def set_live(self, key: str, live: bool) -> None:
-        base, quote = key[:3], key[3:]
+        # Interned: a few hundred codes shared by every entry, not two new strings per rate.
+        base, quote = _intern(key[:3]), _intern(key[3:])
         if live:
             self.by_base.setdefault(base, set()).add(quote)
             self.by_quote.setdefault(quote, set()).add(base)

@@ -142,6 +142,7 @@ SELECT_RUNS = (
 # they hold no path of at most one intermediate, the rows between their neighbours (views.py
 # searches the same rows in memory). Both in one read-only snapshot.
 _PATH_COLUMNS = "base, quote, rate, source, version"
+ONE_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 SELECT_PATH_ROWS_AROUND = (
     f"SELECT {_PATH_COLUMNS} FROM rate WHERE base IN ($1, $2) OR quote IN ($1, $2)")
 SELECT_PATH_ROWS_BETWEEN = (
@@ -759,8 +760,8 @@ class Store:
     # -- /v1/convert through intermediates, GET /v1/sources ------------------------------
     async def conversion_path(self, src: str, dst: str) -> views.PathAnswer:
         """The best path from ``src`` to ``dst`` (convert.py's ranking) and the versions of
-        its rows: from memory while the cache is complete, else over every current row read
-        from the database."""
+        its rows: from memory while the cache is complete, else direct or inverse through
+        single-pair reads, then over the rows around its ends read from the database."""
         answer = self.views.path(src, dst)
         if answer is not None:
             self.view_outcomes["memory"] += 1
@@ -1164,7 +1165,7 @@ async def _path_records(conn: asyncpg.Connection, *, src: str, dst: str,
                         priority: convert.Priority) -> dict[str, asyncpg.Record]:
     """The rows a path from ``src`` to ``dst`` can use (see SELECT_PATH_ROWS_AROUND), by key,
     read in one snapshot (the caller's transaction, made repeatable here)."""
-    await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    await conn.execute(ONE_SNAPSHOT)
     records = {r["base"] + r["quote"]: r
                for r in await conn.fetch(SELECT_PATH_ROWS_AROUND, src, dst)}
     rows = [(r["base"], r["quote"], r["rate"], r["source"]) for r in records.values()]
