@@ -1317,6 +1317,14 @@ class Bench:
             batches.append(b"".join(conn.request_bytes("GET", next(stream)) for _ in range(batch)))
         return batches
 
+    def hot_batches(self, conn: HttpConn, phase: str) -> list[bytes]:
+        """Pipelined batches over the hot keys, after checking that one batch is all hits."""
+        hot = self.pipelined(conn, [rate_path(p) for p in self.hot])
+        conn.send(hot[0])
+        if {(s, h.get("x-cache")) for s, h, _ in conn.read(self.config.batch)} != {(200, "hit")}:
+            raise RuntimeError(f"{phase}: the hot keys are not all 200 hits")
+        return hot
+
     def measure_alternating(self, api: Api) -> dict[str, Any]:
         """hit/ceiling from alternating pipelined batches, beside a ceiling/ceiling control."""
         config = self.config
@@ -1327,11 +1335,7 @@ class Bench:
         try:
             ceiling = self.pipelined(conn, [CEILING_PATH])
             health = self.pipelined(conn, [HEALTH_PATH])
-            hot = self.pipelined(conn, [rate_path(p) for p in self.hot])
-            conn.send(hot[0])
-            served = conn.read(config.batch)
-            if {(s, h.get("x-cache")) for s, h, _ in served} != {(200, "hit")}:
-                raise RuntimeError("alternating: the hot keys are not all 200 hits")
+            hot = self.hot_batches(conn, "alternating")
             for run in range(config.repeats):
                 control = self.alternate(conn, ceiling, ceiling, config.alternate_control_s)
                 hit = self.alternate(conn, ceiling, hot, config.alternate_hit_s)
@@ -1376,10 +1380,7 @@ class Bench:
         runs: list[dict[str, Any]] = []
         try:
             hot_paths = [rate_path(p) for p in self.hot]
-            hot = self.pipelined(conn, hot_paths)
-            conn.send(hot[0])
-            if {(s, h.get("x-cache")) for s, h, _ in conn.read(config.batch)} != {(200, "hit")}:
-                raise RuntimeError("reads: the hot keys are not all 200 hits")
+            hot = self.hot_batches(conn, "reads")
             checked = {"convert": self._check_convert(conn), "latest": self._check_latest(conn)}
             sizes = {name: batch_for(serial_s, config.batch, config.reads_batch_s)
                      for name, (_, serial_s) in checked.items()}
