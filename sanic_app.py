@@ -29,6 +29,7 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal
 from fractions import Fraction
 from typing import Any, NamedTuple
 
+from multidict import istr
 from sanic import Blueprint, Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
@@ -347,6 +348,10 @@ _RATE_HEADERS = {
         "Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": READ_EXPOSE})
     for how in (model.HIT, model.MISS, model.BYPASS)
 }
+_HIT_HEADERS = _RATE_HEADERS[model.HIT]
+# Header names as multidict's case-folded strings: a lookup skips folding the name.
+_MIN_VERSION_HEADER = istr("x-xrates-min-version")
+_IF_NONE_MATCH = istr("if-none-match")
 
 
 def rate_response(rate: model.Rate, how: str) -> HTTPResponse:
@@ -364,22 +369,34 @@ def etag_matches(header: str, etag: str) -> bool:
 @bp.get("/v1/rates/<base:str>/<quote:str>", name="rate_get")
 @doc("rate_get")
 async def rate_get(request: Request, base: str, quote: str) -> HTTPResponse:
-    if request.query_string and wants_history(request):  # ?date=: a day of history (§8)
-        return await rate_on_day(request, base, quote)
-    store = store_of(request)
-    if request.query_string or "x-xrates-min-version" in request.headers:
-        min_version = parse_min_version(request)  # read your writes: see the live section
-        if min_version is not None:
-            return await rate_get_at_least(request, store, base, quote, min_version)
+    headers = request.headers
+    if b"?" in request.raw_url or _MIN_VERSION_HEADER in headers:
+        answer = await rate_read_with_options(request, base, quote)
+        if answer is not None:
+            return answer
     # The cache only ever holds keys of valid, upper-case, distinct pairs (rows of the table,
     # or requests validated below), so a hit on the raw path is a hit on the validated pair.
+    store: model.Store = request.app.ctx.store
     entry = store.cached(base + quote) if len(base) == 3 else None
-    if entry is not None:
-        rate, how = entry.value, model.HIT
-    else:
+    if entry is None:
         base, quote = parse_pair(base, quote)
         rate, how = await store.get_rate(base, quote)
+    else:
+        rate, how = entry.value, model.HIT
+        if rate is not None and _IF_NONE_MATCH not in headers:  # a hit's answer, inlined
+            return internals.PreEncodedResponse(rate.body, rate.etag, _HIT_HEADERS, JSON_TYPE)
     return answer_rate(request, base, quote, rate, how)
+
+
+async def rate_read_with_options(request: Request, base: str, quote: str) -> HTTPResponse | None:
+    """A single-pair read with a query or X-Xrates-Min-Version: a day of history (?date=, §8)
+    or a read of at least a version (the live section); None for a plain read."""
+    if wants_history(request):
+        return await rate_on_day(request, base, quote)
+    min_version = parse_min_version(request)
+    if min_version is None:
+        return None
+    return await rate_get_at_least(request, store_of(request), base, quote, min_version)
 
 
 def answer_rate(request: Request, base: str, quote: str, rate: model.Rate | None,
