@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -574,10 +574,10 @@ class Api(processes.ApiServer):
     """One `python sanic_app.py` instance on a free loopback port, stopped by its PID."""
 
     def __init__(self, name: str, db_url: str, workdir: Path, pinning: Pinning,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, root: Path = ROOT) -> None:
         # Default settings, access log included: what a user gets is what we measure.
         super().__init__(db_url, workdir, env, name=name, prefix=pinning.api_prefix(),
-                         quiet=False)
+                         quiet=False, root=root)
         self.name = name
 
     def conn(self) -> HttpConn:
@@ -1051,8 +1051,9 @@ class Bench:
         await conn.execute(SEED_READS_HISTORY, READS_FK_SOURCE, READS_PIVOT, codes, rates,
                            today - timedelta(days=READS_DAYS - 1), today)
 
-    def start_apis(self, specs: Sequence[tuple[str, dict[str, str]]]) -> list[Api]:
-        started = [Api(name, self.url, self.workdir, self.pinning, env) for name, env in specs]
+    def start_apis(self, specs: Sequence[tuple[str, dict[str, str]]], root: Path = ROOT) -> list[Api]:
+        started = [Api(name, self.url, self.workdir, self.pinning, env, root)
+                   for name, env in specs]
         self.apis += started
         for api in started:
             api.wait_ready()
@@ -1360,6 +1361,32 @@ class Bench:
             "health_us": statistics.median(r["health"]["baseline_us"] for r in runs),
             "valid": all(r["valid"] for r in runs),
         }
+
+    def compare_trees(self, trees: Mapping[str, Path], runs: int) -> dict[str, list[float]]:
+        """hit/ceiling (alternating batches) of an instance of each tree, in interleaved runs
+        (ABBA: neither tree always runs first), so drift of the machine hits both alike."""
+        self.pinning.pin_self()
+        self.say(f"pinning: {self.pinning.describe()}")
+        self.start_database()
+        apis = {}
+        for name, root in trees.items():
+            (apis[name],) = self.start_apis([(name, {})], root=root)
+            self.warm_hot(apis[name])
+        conns = {name: api.conn() for name, api in apis.items()}
+        ratios: dict[str, list[float]] = {name: [] for name in trees}
+        try:
+            batches = {name: (self.pipelined(conn, [CEILING_PATH]), self.hot_batches(conn, "ab"))
+                       for name, conn in conns.items()}
+            for run in range(runs):
+                for name in list(trees)[::1 if run % 2 == 0 else -1]:
+                    ceiling, hot = batches[name]
+                    hit = self.alternate(conns[name], ceiling, hot, self.config.alternate_hit_s)
+                    ratios[name].append(hit.ratio)
+                    self.say(f"  run {run + 1}, {name} ({trees[name]}): hit/ceiling {hit.ratio:.3f}")
+        finally:
+            for conn in conns.values():
+                conn.close()
+        return ratios
 
     # -- reads: convert through a pivot, Frankfurter's latest ------------------------------
     def measure_reads(self, api: Api) -> dict[str, Any]:
@@ -2252,6 +2279,32 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def ab(args: argparse.Namespace) -> int:
+    """This tree against another checkout: hit/ceiling of each, interleaved runs."""
+    other = Path(args.other).resolve()
+    if not (other / "sanic_app.py").is_file():
+        print(f"perf.py: {other} is not a checkout of xrates (no sanic_app.py)", file=sys.stderr)
+        return 2
+    trees = {"this": ROOT, "other": other}
+    workdir = Path(tempfile.mkdtemp(prefix="xrates-ab-"))
+    runner = Bench(BenchConfig(alternate_hit_s=args.seconds), workdir, ("alternating",))
+    try:
+        ratios = runner.compare_trees(trees, args.runs)
+    finally:
+        runner.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(f"xrates A/B — {machine_description()}; {runner.pinning.describe()}")
+    print(f"cache-hit GET vs ceiling (`{CEILING_PATH}`), alternating batches of "
+          f"{runner.config.batch}, {args.runs} interleaved runs of {args.seconds:g} s each")
+    for name, root in trees.items():
+        values = " ".join(f"{r:.3f}" for r in ratios[name])
+        print(f"  {name:5} {root}: median {statistics.median(ratios[name]):.3f} ({values})")
+    difference = statistics.median(ratios["this"]) - statistics.median(ratios["other"])
+    print(f"  this - other: {difference:+.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python perf.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -2268,10 +2321,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quick", action="store_true", help="shorter runs (about a minute; noisier)")
     run.add_argument("--only", metavar="PHASES",
                      help=f"comma list of phases to run (default all: {','.join(PHASES)})")
+    compare = sub.add_parser(
+        "ab", help="this tree's hit/ceiling against another checkout's, in interleaved runs",
+        description="Start an embedded PostgreSQL (this tree's schema) and one API instance of "
+                    "this tree and one of OTHER (another checkout, e.g. `git worktree add "
+                    "/tmp/old HEAD~1`), then measure each one's cache hit against the ceiling "
+                    "in alternating batches, the two instances' runs interleaved. The machine's "
+                    "drift between runs (a few hundredths here) hits both alike; the same tree "
+                    "against itself differs by about 0.005.")
+    compare.add_argument("other", help="the other checkout's directory")
+    compare.add_argument("--runs", type=int, default=8, help="runs per tree (default 8)")
+    compare.add_argument("--seconds", type=float, default=2.5,
+                         help="seconds of each run (default 2.5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     sys.path.insert(0, str(ROOT))
-    return bench(args)
+    return ab(args) if args.command == "ab" else bench(args)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 class ApiServer:
-    """One real `python sanic_app.py` instance on a free port, its output in ``log_path``."""
+    """One real `python sanic_app.py` instance on a free port, its output in ``log_path``;
+    ``root`` is the tree it runs from (another checkout, for the benchmark's A/B)."""
 
     def __init__(self, db_url: str, log_dir: Path, env: Mapping[str, str] | None = None,
                  workers: int = 1, host: str = "127.0.0.1", name: str | None = None,
-                 prefix: Sequence[str] = (), quiet: bool = True) -> None:
+                 prefix: Sequence[str] = (), quiet: bool = True, root: Path = ROOT) -> None:
         self.port = util.free_port()
         self.host = host
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -44,7 +45,7 @@ class ApiServer:
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "sanic_app.py", "--host", host, "--port", str(self.port),
              "--workers", str(workers)],
-            cwd=ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=root, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: signals reach only what we started
         )
 

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -206,6 +207,13 @@ def test_bench_rejects_an_unknown_phase() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "unknown phase" in out.stderr
+
+
+def test_ab_refuses_a_directory_that_is_no_checkout(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "perf.py", "ab", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "not a checkout of xrates" in out.stderr
 
 
 def test_table_of_a_partial_run_names_what_was_measured() -> None:
