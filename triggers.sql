@@ -21,6 +21,9 @@ CREATE TABLE IF NOT EXISTS rate (
     PRIMARY KEY (base, quote),
     CHECK (base <> quote)
 );
+-- The primary key finds a currency's rows as base; this finds them as quote (a conversion's
+-- rows around its two ends when the table is larger than the cache: model._path_records).
+CREATE INDEX IF NOT EXISTS rate_quote ON rate (quote);
 
 -- ---------------------------------------------------------------- version order and lock order
 -- The hazard: an INSERT draws its version in its BEFORE trigger and only then, in the unique
