@@ -372,11 +372,17 @@ class RateCache:
         applied. Drop the floors it makes safe and cache the negative results waiting for it;
         returns how many negative results were cached."""
         floors = self._floors
-        while floors:
-            key = next(iter(floors))
-            if floors[key][1] > barrier:
-                break
-            del floors[key]
+        if floors:
+            # One pass from the front (insertion order is barrier order). Not next(iter())
+            # per key: a dict skips the slots of deleted keys from its start every time,
+            # which made dropping a refill's 20,000 floors take 0.9 s.
+            passed = []
+            for key, (_, needed) in floors.items():
+                if needed > barrier:
+                    break
+                passed.append(key)
+            for key in passed:
+                del floors[key]
         if self._unsettled:  # their notifications have been applied by now
             for key in [k for k, needed in self._unsettled.items() if needed <= barrier]:
                 del self._unsettled[key]
