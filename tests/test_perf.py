@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,24 @@ async def test_notification_counts_wait_for_each_listening_connection() -> None:
     callbacks[0](None, 1, "xrates", "{}")
     assert await counts.caught_up(2, expected=3, timeout_s=0.01) == 2  # connection 1 is behind
     assert await counts.caught_up(0, expected=5, timeout_s=10) == 5  # no listener: nothing to wait for
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="moving processes between CPUs needs Linux and two CPUs")
+def test_pinning_moves_every_thread_of_a_process_and_of_its_children() -> None:
+    """The bulk phase moves an instance (Sanic's main process, its worker, their threads)."""
+    # A parent with a thread of its own and a child process; both wait on stdin.
+    script = ("import subprocess, sys, threading; threading.Thread(target=sys.stdin.read).start(); "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print(child.pid, flush=True); sys.stdin.read(); child.kill()")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())  # type: ignore[union-attr]
+        tasks = perf.process_tree_tasks(parent.pid)
+        assert child in tasks and parent.pid in tasks and len(tasks) >= 3  # the thread too
+        target = max(os.sched_getaffinity(0))
+        perf.Pinning().move(parent.pid, [target])
+        assert all(os.sched_getaffinity(task) == {target} for task in tasks)
+    finally:
+        parent.communicate("", timeout=30)
