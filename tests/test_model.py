@@ -202,3 +202,26 @@ async def test_a_miss_does_not_share_a_read_that_began_before_a_flush(db_url, sq
         store.first_read_gate.set()
         (_, first_how), (rate, how) = await first, await second
         assert (first_how, how, rate.rate) == (model.MISS, model.MISS, "1.00")
+
+
+def test_the_collector_is_paused_while_refills_run_and_back_on_after_the_last_ends() -> None:
+    """A refill cancelled by a flush can end after the next one began: the collector must
+    come back on after the last, not after the first, and never if it was off before."""
+    import gc
+
+    assert gc.isenabled()
+    first, second = model.cyclic_gc_paused(), model.cyclic_gc_paused()
+    first.__enter__()
+    assert not gc.isenabled()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the cancelled one ends first
+    assert not gc.isenabled()
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with model.cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()
