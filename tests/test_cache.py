@@ -323,6 +323,9 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
         self.writes: list[dict] = []
         # key -> (version the cache gave a negative fill, DB version the read observed)
         self.negative_fills: dict[str, tuple[int, int]] = {}
+        # negative results offered but not yet cached: key -> [(barrier, observed version)];
+        # the cache stores one when its heartbeat passes with no change of the key meanwhile
+        self.pending_negatives: dict[str, list[tuple[int, int]]] = {}
         self.served_max: dict[str, int] = {}  # newest state served or told to a client
         self.refill: dict | None = None  # a warm refill: begun, read, offered in slices, ended
         # model.Store starts a refill after each flush while the listener is up (enable() at
@@ -366,16 +369,34 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
         key, version, value = self.queue.pop(0)
         if key == "hb":
             self.cache.pass_barrier(version)
+            self._negatives_settled(version)
         elif key == "flush":
             self.cache.flush()
+            self.pending_negatives.clear()
             if self.cache.enabled:
                 self.refill_due = True
             for k in KEYS:
                 self.applied_max[k] = version
         else:
             self.cache.apply(key, version, value)
+            self.pending_negatives.pop(key, None)  # a change: those results are moot
             if self.cache.enabled:
                 self.applied_max[key] = max(self.applied_max.get(key, 0), version)
+
+    def _negatives_settled(self, barrier: int) -> None:
+        """Heartbeat ``barrier`` passed: the negative results it guarded are current as of
+        what their reads observed (and the key's negative entry, if any, with them)."""
+        for key, pending in list(self.pending_negatives.items()):
+            due = [observed for guard, observed in pending if guard <= barrier]
+            if not due:
+                continue
+            before = self.negative_fills.get(key, (ABSENT_VERSION, 0))[1]
+            self.negative_fills[key] = (ABSENT_VERSION, max(before, *due))
+            left = [(guard, observed) for guard, observed in pending if guard > barrier]
+            if left:
+                self.pending_negatives[key] = left
+            else:
+                del self.pending_negatives[key]
 
     @rule()
     def send_heartbeat(self) -> None:
@@ -433,6 +454,7 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
     def disconnect(self) -> None:
         self.connected = False
         self.queue.clear()  # whatever was not delivered is lost
+        self.pending_negatives.clear()  # the cache drops its pending results with its trust
         self.cache.disable()
 
     def disconnected(self) -> bool:
@@ -468,7 +490,8 @@ class CacheAgainstDatabase(RuleBasedStateMachine):
             self.cache.finish_fill(read["token"], version, value,
                                    barrier=self.heartbeats_sent + 1)
             if value is None:
-                self.negative_fills[key] = (ABSENT_VERSION, read["observed"])
+                self.pending_negatives.setdefault(key, []).append(
+                    (self.heartbeats_sent + 1, read["observed"]))
 
     @precondition(lambda self: self.reads)
     @rule(pick=st.integers(0, 3))
