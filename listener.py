@@ -9,8 +9,11 @@ Rules (each with its test in tests/test_listener.py unless said):
   heartbeat is sent through the pool (``send``), and the sink is told ``trusted`` only once it
   has come back; then a heartbeat every ``heartbeat_s``.
 - Liveness is counted when a heartbeat has been *applied* (has left the backlog), not when it
-  reached the socket: a backlog that grows faster than it drains delays heartbeats, and past
-  ``heartbeat_timeout_s`` the feed is down (the sink bypasses and flushes).
+  reached the socket, and from the moment it was *sent*: an applied heartbeat proves that
+  everything committed before its send is in the cache, so the cache is as fresh as the send
+  of the last applied heartbeat. A backlog that grows faster than it drains delays
+  heartbeats, and once that send is more than ``heartbeat_timeout_s`` ago the feed is down
+  (the sink bypasses and flushes) — even while late heartbeats keep leaving the backlog.
 - Heartbeat sends are never awaited by the silence check: a send that hangs in the pool
   cannot stretch detection past the timeout.
 - Payloads are applied in arrival order, at once unless this event-loop iteration has already
@@ -102,7 +105,8 @@ class Feed:
         self.reconnects = 0
         self.rows_applied = 0
         self.backend_pid: int | None = None
-        self._alive_at = 0.0  # when the last heartbeat left the backlog
+        self._alive_at = 0.0  # when the last applied heartbeat was sent (monotonic)
+        self._sent_at: dict[int, float] = {}  # sent, not yet applied: number -> monotonic time
         self._first_heartbeat = 0  # number of the heartbeat that proves a new connection
         self._proven = asyncio.Event()
         self._lost = asyncio.Event()
@@ -226,8 +230,13 @@ class Feed:
         return len(rows) or 1
 
     def _heartbeat_applied(self, heartbeat: Heartbeat) -> None:
-        # Everything committed before this heartbeat was sent has now been applied.
-        self._alive_at = time.monotonic()
+        # Everything committed before this heartbeat was sent has now been applied: the
+        # cache is as fresh as that send, however long the heartbeat waited in the backlog.
+        sent_at = self._sent_at.pop(int(heartbeat), None)
+        for number in [n for n in self._sent_at if n < heartbeat]:
+            del self._sent_at[number]  # their sends failed or were overtaken
+        if sent_at is not None:
+            self._alive_at = max(self._alive_at, sent_at)
         self.heartbeat_lag_s = max(0.0, time.time() - heartbeat.sent_at)
         if heartbeat >= self._first_heartbeat:
             self._proven.set()
@@ -240,6 +249,7 @@ class Feed:
         if self._sending is not None and not self._sending.done():
             return
         self.heartbeats_sent += 1
+        self._sent_at[self.heartbeats_sent] = time.monotonic()
         payload = json.dumps({"n": self.heartbeats_sent, "t": time.time()}, separators=(",", ":"))
         self._sending = asyncio.get_running_loop().create_task(
             self._send_quietly(payload), name="xrates-heartbeat")
@@ -274,6 +284,7 @@ class Feed:
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._backlog.clear()  # from the lost connection: never applied after the gap
+                self._sent_at.clear()
                 self._cancel_send()
                 if self.connected:
                     self.connected = False

@@ -4,6 +4,8 @@ whether that instance's listener is alive, delayed, or cut off."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import httpx
 from conftest import ApiProcess, metric, wait_for
@@ -105,6 +107,11 @@ async def test_read_your_writes_while_the_other_listener_is_cut_off(db_url, pg, 
     a, b = await start_api(db_url), await start_api(db_url)
     await a.client.put("/v1/rates/USD/EUR", json={"rate": "1.0"})
     await wait_for(lambda: _hit(b), 5, what="B caches the key")
+    # The pools open connections lazily (min_size 0), and none can be opened once the database
+    # refuses them: open a few on each instance first, so a write that meets a heartbeat send
+    # in flight finds a second one (else a 503 that has nothing to do with the listener).
+    for api in (a, b):
+        await _open_pool_connections(api, 4)
     db = db_url.rsplit("/", 1)[1]
     admin = await asyncpg.connect(pg.url)
     try:
@@ -126,6 +133,13 @@ async def test_read_your_writes_while_the_other_listener_is_cut_off(db_url, pg, 
     await wait_for(lambda: _ready(b), 10, what="B's listener back")
     how = await _write_then_read_elsewhere(a, b, 10)
     assert sum(how.values()) == 10
+
+
+async def _open_pool_connections(api: ApiProcess, count: int) -> None:
+    """Concurrent writes (each takes a pool connection of its own) of keys no check reads."""
+    writes = await asyncio.gather(*(api.client.put(f"/v1/rates/GBP/X{chr(65 + i)}{chr(65 + i)}",
+                                                   json={"rate": "1"}) for i in range(count)))
+    assert all(w.status_code in (200, 201) for w in writes), [w.text for w in writes]
 
 
 async def _ready(api: ApiProcess) -> bool:
