@@ -7,7 +7,8 @@
 
 Both create `.venv` on first use and install the pinned dependencies into it
 (re-installing only when a requirements file changes), then run the real thing
-inside it. Extra arguments after `test` go to pytest.
+inside it. Extra arguments after `test` go to pytest (after ``-n 2``: two test workers,
+pytest-xdist; ``-n 0`` runs everything in one process, e.g. for a single test).
 """
 
 from __future__ import annotations
@@ -76,9 +77,16 @@ def main(argv: list[str]) -> int:
             print(f"dev.py: {' '.join(check[1:])}", flush=True)
             if subprocess.run([str(PYTHON), *check]).returncode != 0:
                 return 1
-        args = [str(PYTHON), "-m", "pytest", *argv[1:]]
+        args = [str(PYTHON), "-m", "pytest", "-n", str(test_workers()), *argv[1:]]
     os.execv(args[0], args)
     return 0  # not reached
+
+
+def test_workers() -> int:
+    """Two pytest workers (each with its own PostgreSQL) where there are two cores: most
+    tests wait on servers, so two halve the suite's time; a fixed count, not one per core,
+    keeps the load that the timing-bound tests see the same on a bigger machine."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 0
 
 
 if __name__ == "__main__":

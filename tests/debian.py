@@ -3,14 +3,29 @@ installed with apt-get where that is possible (as root); the test is skipped whe
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
 APT_TIMEOUT_S = 300
+# Test workers (pytest-xdist) may want packages at the same time; dpkg takes one at a time.
+APT_LOCK = "/tmp/xrates-tests-apt.lock"
+
+
+@contextlib.contextmanager
+def _apt_turn() -> Iterator[None]:
+    """One installer at a time across this machine's test workers."""
+    with open(APT_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def find(name: str, places: Sequence[str]) -> str | None:
@@ -27,21 +42,32 @@ def binary(package: str, places: Sequence[str], needed_by: str) -> str:
     if not shutil.which("apt-get") or os.geteuid() != 0:
         pytest.skip(f"{package} is not installed and cannot be installed here (needs root and "
                     f"apt-get): install Debian's `{package}` package to run {needed_by}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    output = ""
-    for command in (["apt-get", "update"],
-                    ["apt-get", "install", "-y", "--no-install-recommends", package]):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True,
-                                  timeout=APT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"`{' '.join(command)}` did not finish within {APT_TIMEOUT_S} s: "
-                        f"cannot install {package} here")
-        output += done.stdout[-2000:] + done.stderr[-2000:]
-        if done.returncode != 0:
-            pytest.skip(f"`{' '.join(command)}` failed ({done.returncode}), cannot install "
-                        f"{package} here:\n{output}")
+    reason = ensure([package], lambda: find(package, places) is not None)
+    if reason:
+        pytest.skip(f"cannot install {package} here ({reason}); needed by {needed_by}")
     path = find(package, places)
     if not path:
-        pytest.skip(f"apt-get installed no {package} binary:\n{output}")
+        pytest.skip(f"apt-get installed no {package} binary; needed by {needed_by}")
     return path
+
+
+def ensure(packages: Sequence[str], present: Callable[[], bool]) -> str | None:
+    """Install ``packages`` unless ``present()`` (asked again once it is this worker's turn:
+    another may have installed them meanwhile). None when they are there, else why not."""
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        return "needs root and apt-get"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    with _apt_turn():
+        if present():
+            return None
+        for command in (["apt-get", "update"],
+                        ["apt-get", "install", "-y", "--no-install-recommends", *packages]):
+            try:
+                done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                      timeout=APT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                return f"`{' '.join(command)}` did not finish within {APT_TIMEOUT_S} s"
+            if done.returncode != 0:
+                return (f"`{' '.join(command)}` failed ({done.returncode}):\n"
+                        f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return None

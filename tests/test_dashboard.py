@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
+import debian
 import pytest
 from conftest import ROOT
 
@@ -25,14 +24,10 @@ def _ensure_chromium() -> str | None:
     missing and we are root), else why not."""
     if Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists():
         return None
-    if shutil.which("apt-get") is None:
-        return "no apt-get to install chromium and chromium-driver"
-    try:
-        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
-                       check=True, capture_output=True, timeout=600)
-    except (subprocess.SubprocessError, OSError) as exc:
-        return f"chromium could not be installed: {exc}"
+    reason = debian.ensure(["chromium", "chromium-driver"],
+                           lambda: Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists())
+    if reason:
+        return f"chromium could not be installed: {reason}"
     return None if Path(CHROMEDRIVER).exists() else "chromium-driver not installed"
 
 

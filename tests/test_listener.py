@@ -118,7 +118,9 @@ def _flood(db_url: str, stop: threading.Event) -> None:
 
 async def test_a_backlog_that_outgrows_its_drain_takes_the_cache_out_of_service(db_url) -> None:
     """Race 4: liveness counts when a heartbeat has been applied, not when it reached the
-    socket, so a backlog older than the heartbeat timeout means down (bypass), not 200."""
+    socket, and from its send: a backlog older than the heartbeat timeout means down (bypass),
+    not 200 — also while late heartbeats keep leaving it more often than the timeout (a
+    producer about twice as fast as the drain, as here on a 2-vCPU machine)."""
     settings = util.load_settings({"DATABASE_URL": db_url, "XRATES_AUTO_MIGRATE": "0",
                                    "XRATES_HEARTBEAT_INTERVAL": "0.1",
                                    "XRATES_HEARTBEAT_TIMEOUT": "0.5"})
