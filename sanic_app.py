@@ -31,8 +31,10 @@ from typing import Any, NamedTuple
 
 from multidict import istr
 from sanic import Blueprint, Request, Sanic
+from sanic.compat import Header
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
+from sanic.response.types import BaseHTTPResponse
 from sanic.worker.loader import AppLoader
 from sanic_ext import Extend
 from sanic_ext.extensions.http.extension import HTTPExtension
@@ -262,27 +264,53 @@ async def stop_store(app: Sanic) -> None:
     await app.ctx.store.close()
 
 
-async def preflight(request: Request) -> HTTPResponse | None:
-    request.ctx.t0 = time.perf_counter()
-    if request.method == "OPTIONS":
-        # CORS preflight: reads only. A write preflight gets no grant for its method.
-        return HTTPResponse(status=204, headers={**READ_CORS, "Cache-Control": "no-store"})
-    return None
+def preflight_response() -> HTTPResponse:
+    # CORS preflight: reads only. A write preflight gets no grant for its method.
+    return HTTPResponse(status=204, headers={**READ_CORS, "Cache-Control": "no-store"})
 
 
-async def common_headers(request: Request, response: HTTPResponse) -> None:
-    headers = response.headers
-    if "cache-control" not in headers:
-        headers["Cache-Control"] = "no-store"
-    # A rate response (rate_response) already carries the read CORS headers.
-    if request.method in _READ_METHODS and "access-control-expose-headers" not in headers:
-        headers["Access-Control-Allow-Origin"] = "*"
-        headers["Access-Control-Expose-Headers"] = READ_EXPOSE
-    t0 = getattr(request.ctx, "t0", None)
+def common_headers(request: Request, response: BaseHTTPResponse) -> None:
+    """What every response gets: Cache-Control, read CORS, and its count and latency."""
+    # A pre-encoded response (a rate's, /ping's) has both from its template already.
+    if type(response) is not internals.PreEncodedResponse:
+        headers = response.headers
+        if "cache-control" not in headers:
+            headers["Cache-Control"] = "no-store"
+        if request.method in _READ_METHODS and "access-control-expose-headers" not in headers:
+            headers["Access-Control-Allow-Origin"] = "*"
+            headers["Access-Control-Expose-Headers"] = READ_EXPOSE
+    t0 = internals.handler_started_at(request)
     if t0 is not None:
         route = request.route
-        metrics.observe_request(route.name if route else "unmatched", response.status,
+        metrics.observe_request(route.name if route else "unmatched", response.status or 200,
                                 time.perf_counter() - t0)
+
+
+def read_template(content_type: str, cache_control: str,
+                  extra: Mapping[str, str] | None = None) -> Header:
+    """A pre-encoded read answer's header template: everything common_headers would add is in
+    it (Cache-Control, read CORS), so common_headers skips a PreEncodedResponse."""
+    return internals.constant_headers({
+        "content-type": content_type, **(extra or {}), "Cache-Control": cache_control,
+        "Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": READ_EXPOSE})
+
+
+class XratesRequest(Request):
+    """Sanic's request with our response policy applied where Sanic connects each response
+    (a handler's, an error's, a stream's) to the connection, instead of request and response
+    middleware: Sanic's middleware machinery cost ~15% of a constant route's time here
+    (README "Performance"). A routed OPTIONS (sanic-ext's automatic handler) is answered by
+    the read-only CORS preflight."""
+
+    async def respond(self, response: BaseHTTPResponse | None = None, *, status: int = 200,
+                      headers: Header | dict[str, str] | None = None,
+                      content_type: str | None = None) -> Any:
+        if self.method == "OPTIONS" and self.route is not None:
+            response = preflight_response()
+        final = await super().respond(response, status=status, headers=headers,
+                                      content_type=content_type)
+        common_headers(self, final)
+        return final
 
 
 async def on_xrates_error(request: Request, exc: model.XratesError) -> HTTPResponse:
@@ -343,9 +371,7 @@ def rate_headers(rate: model.Rate, how: str) -> dict[str, str]:
 # A rate response's header lines are constant except its ETag and length: they are encoded
 # once per process (internals.PreEncodedResponse; the bytes on the wire are Sanic's own).
 _RATE_HEADERS = {
-    how: internals.constant_headers({
-        "content-type": JSON_TYPE, "X-Cache": how, "Cache-Control": "no-cache",
-        "Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": READ_EXPOSE})
+    how: read_template(JSON_TYPE, "no-cache", {"X-Cache": how})
     for how in (model.HIT, model.MISS, model.BYPASS)
 }
 _HIT_HEADERS = _RATE_HEADERS[model.HIT]
@@ -612,9 +638,7 @@ async def health(request: Request) -> HTTPResponse:
 # The benchmark's ceiling: a constant answer sent exactly as a cache hit is (pre-encoded body,
 # ETag and header lines, the same middleware), so "hit / ping" is the cost of the lookup alone.
 PING_BODY = b'{"pong":true}'
-_PING_HEADERS = internals.constant_headers({
-    "content-type": JSON_TYPE, "X-Cache": "constant", "Cache-Control": "no-cache",
-    "Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": READ_EXPOSE})
+_PING_HEADERS = read_template(JSON_TYPE, "no-cache", {"X-Cache": "constant"})
 
 
 @bp.get("/ping", name="ping")
@@ -862,9 +886,7 @@ def content_response(request: Request, body: bytes, fixed: bool,
 
 # Content answers are reads with constant header lines but their ETag: pre-encoded, as hits.
 _CONTENT_HEADERS = {
-    (fixed, content_type): internals.constant_headers({
-        "content-type": content_type, "Cache-Control": PAST_CACHE if fixed else "no-cache",
-        "Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": READ_EXPOSE})
+    (fixed, content_type): read_template(content_type, PAST_CACHE if fixed else "no-cache")
     for fixed in (False, True) for content_type in (JSON_TYPE, FK_TYPE)
 }
 
@@ -1212,12 +1234,12 @@ def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
     Nothing reads the environment after load_settings: each worker process calls this with
     the settings its main process resolved (through Sanic's loader)."""
     util.setup_logging(settings)
-    app = Sanic(name, log_config=util.sanic_log_config(settings))
+    app = Sanic(name, log_config=util.sanic_log_config(settings), request_class=XratesRequest)
     app.ctx.settings = settings
     app.ctx.frankfurter = FrankfurterSource.of(settings.frankfurter_source)
     app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     app.config.FALLBACK_ERROR_FORMAT = "json"
-    app.config.CORS = False  # ours, for reads only: READ_CORS, preflight() and common_headers()
+    app.config.CORS = False  # ours, for reads only: READ_CORS, XratesRequest.respond
     # sanic-ext builds the document; /openapi.json (finished by api_doc) and /docs are ours,
     # so its own UI pages are off (its unfinished copy stays at /_sanic_ext/openapi.json).
     app.config.OAS_URL_PREFIX = "/_sanic_ext"
@@ -1242,8 +1264,6 @@ def create_app(settings: util.Settings, name: str = "xrates") -> Sanic:
     app.before_server_stop(end_streams)
     app.after_server_start(freeze_startup_heap)
     app.after_server_stop(stop_store)
-    app.on_request(preflight)
-    app.on_response(common_headers)
     app.exception(frankfurter.FrankfurterError)(on_frankfurter_error)
     app.exception(model.XratesError)(on_xrates_error)
     app.exception(SanicException)(on_sanic_error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -267,6 +268,10 @@ async def test_cors_is_for_reads_only(api: httpx.AsyncClient) -> None:
     assert preflight.headers["access-control-allow-origin"] == "*"
     write = await put(api, "USD", "CAD", "1.36")
     assert "access-control-allow-origin" not in write.headers
+    # No route, no grant: a preflight of a path nothing answers is that path's 404.
+    nowhere = await api.options("/nope", headers={"Origin": "https://example.com"})
+    assert (nowhere.status_code, nowhere.json()) == (404, {"error": "no such route"})
+    assert "access-control-allow-origin" not in nowhere.headers
 
 
 async def test_every_response_has_cache_control(api: httpx.AsyncClient) -> None:
@@ -293,6 +298,49 @@ async def test_health_ready_metrics(api: httpx.AsyncClient) -> None:
     connected = [line for line in text.splitlines()
                  if line.startswith("xrates_listener_connected")]
     assert connected and connected[0].split()[-1] == "1.0"
+
+
+async def request_counts(api: httpx.AsyncClient) -> dict[tuple[str, str], float]:
+    """``xrates_request_duration_seconds_count`` per (route, status), /metrics' own left out."""
+    counts = {}
+    for line in (await api.get("/metrics")).text.splitlines():
+        if line.startswith("xrates_request_duration_seconds_count{"):
+            labels, value = line[len("xrates_request_duration_seconds_count{"):].split("} ")
+            fields = dict(part.split("=", 1) for part in labels.split(","))
+            route, status = fields["route"].strip('"'), fields["status"].strip('"')
+            route = route.rsplit(".", 1)[-1]
+            if route.endswith("_options"):  # sanic-ext names it after one route of the path
+                route = "options"
+            if route != "metrics":
+                counts[(route, status)] = float(value)
+    return counts
+
+
+async def test_every_request_is_counted_once_by_route_and_status(api: httpx.AsyncClient) -> None:
+    """/metrics counts every answer once, whichever way it was made: a handler's, an error's
+    (no route, bad input), a preflight's (the automatic OPTIONS route)."""
+    await put(api, "USD", "ISK", "138.5")
+    before = await request_counts(api)
+    for _ in range(3):
+        assert (await api.get("/v1/rates/USD/ISK")).status_code == 200
+    assert (await api.get("/v1/rates/USD/I5K")).status_code == 422
+    assert (await api.get("/nope")).status_code == 404
+    assert (await api.options("/v1/rates/USD/ISK")).status_code == 204
+    expected = {("rate_get", "200"): 3, ("rate_get", "422"): 1, ("unmatched", "404"): 1,
+                ("options", "204"): 1}
+
+    added: dict[tuple[str, str], float] = {}
+
+    async def counted() -> bool:
+        after = await request_counts(api)
+        added.clear()
+        added.update({key: after[key] - before.get(key, 0) for key in after
+                      if after[key] != before.get(key, 0)})
+        return added == expected
+
+    with contextlib.suppress(AssertionError):  # flushed once a second: wait for it, then compare
+        await wait_for(counted, timeout_s=5, what="the requests counted on /metrics")
+    assert added == expected
 
 
 async def test_ping_is_sent_as_a_hit_is(api: httpx.AsyncClient) -> None:

@@ -96,3 +96,13 @@ def test_the_check_refuses_an_interpreter_where_untracking_does_nothing(monkeypa
     monkeypatch.setattr(cache, "untracked", lambda obj: obj)  # as if the C call had no effect
     with pytest.raises(internals.InternalsMismatch, match="PyObject_GC_UnTrack"):
         internals.check()
+
+
+def test_the_check_notices_sanic_no_longer_stamping_the_handler_start(monkeypatch) -> None:
+    from sanic.http.http1 import Http
+
+    monkeypatch.setattr(Http, "__slots__", [s for s in Http.__slots__ if s != "perft0"])
+    with pytest.raises(internals.InternalsMismatch, match="perft0"):
+        internals.check()
+    monkeypatch.undo()
+    internals.check()
