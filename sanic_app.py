@@ -302,6 +302,8 @@ class XratesRequest(Request):
     (README "Performance"). A routed OPTIONS (sanic-ext's automatic handler) is answered by
     the read-only CORS preflight."""
 
+    __slots__ = ()  # as Sanic's Request: no per-request __dict__
+
     async def respond(self, response: BaseHTTPResponse | None = None, *, status: int = 200,
                       headers: Header | dict[str, str] | None = None,
                       content_type: str | None = None) -> Any:
