@@ -307,7 +307,8 @@ class XratesRequest(Request):
     async def respond(self, response: BaseHTTPResponse | None = None, *, status: int = 200,
                       headers: Header | dict[str, str] | None = None,
                       content_type: str | None = None) -> Any:
-        if self.method == "OPTIONS" and self.route is not None:
+        if (self.method == "OPTIONS" and self.route is not None and response is not None
+                and response.status == 204):  # sanic-ext's automatic answer, not an error
             response = preflight_response()
         final = await super().respond(response, status=status, headers=headers,
                                       content_type=content_type)
