@@ -494,9 +494,7 @@ async def rate_delete(request: Request, base: str, quote: str) -> HTTPResponse:
 
 
 # ----------------------------------------------------------------------------- routes: convert
-def plain(number: Decimal | Fraction) -> str:
-    """Round once to 15 significant digits, half-even; as a JSON number without exponent."""
-    return convert_paths.plain(number)
+plain = convert_paths.plain  # once to 15 significant digits, half-even; JSON, no exponent
 
 
 @bp.get("/v1/convert", name="convert")
@@ -919,8 +917,12 @@ def best_rows_per_day(rows: list[model.HistoryRow], base: str, quote: str,
     """Each day's row for base/quote: the highest-priority source quoting it directly or
     inversely that day (of one source, direct before inverse)."""
     best: dict[date, tuple[tuple[tuple[int, str], int], model.HistoryRow]] = {}
+    ranks: dict[str, tuple[int, str]] = {}  # a year of rows comes from a few sources
     for row in rows:
-        rank = (source_rank(row.source, sources), 0 if row.base == base else 1)
+        source_ranked = ranks.get(row.source)
+        if source_ranked is None:
+            source_ranked = ranks[row.source] = source_rank(row.source, sources)
+        rank = (source_ranked, 0 if row.base == base else 1)
         if row.day not in best or rank < best[row.day][0]:
             best[row.day] = (rank, row)
     return {day: row for day, (_, row) in best.items()}
@@ -1055,8 +1057,9 @@ async def rate_history(request: Request, base: str, quote: str) -> HTTPResponse:
                                                                       sources).items()}
     # Days without a direct or inverse value get the one-day path rule: one read of all the
     # missing days (not one per day), and none when every day has a value.
-    missing = [start + timedelta(days=n) for n in range((end - start).days + 1)]
-    missing = [day for day in missing if day not in picked]
+    span = (end - start).days + 1
+    missing = [] if len(picked) == span else [
+        day for day in (start + timedelta(days=n) for n in range(span)) if day not in picked]
     if missing:
         rows_on_missing = await model.path_rows(store, base, quote, missing, source)
         for day, found in paths_per_day(rows_on_missing, base, quote, sources).items():
@@ -1066,9 +1069,9 @@ async def rate_history(request: Request, base: str, quote: str) -> HTTPResponse:
     days = sorted(picked)
     text = _json_cached  # a few sources and vias, a year of days: encode each once
     items = ",".join(
-        f'{{"date":"{day.isoformat()}","rate":{plain(picked[day][0])},'
-        f'"source":{text(picked[day][1])},"via":{text(tuple(picked[day][2]))}}}'
-        for day in days)
+        f'{{"date":"{day.isoformat()}","rate":{plain(rate)},"source":{text(used)},'
+        f'"via":{text(tuple(via)) if via else "[]"}}}'
+        for day, (rate, used, via) in ((day, picked[day]) for day in days))
     body = (f'{{"base":"{base}","quote":"{quote}","start_date":"{days[0].isoformat()}",'
             f'"end_date":"{days[-1].isoformat()}","rates":[{items}]}}').encode()
     return content_response(request, body, fixed=end < today)

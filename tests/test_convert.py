@@ -8,6 +8,8 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import convert
 from convert import Graph, Priority, RateRow, find_path, plain, rounded
@@ -227,3 +229,13 @@ def test_via_lists_intermediates_in_order(src: str, dst: str) -> None:
     rates = [row("AAA", "CCC", "2"), row("CCC", "DDD", "3"), row("DDD", "BBB", "5")]
     via = best(rates, src, dst).via
     assert via == (["CCC", "DDD"] if src == "AAA" else ["DDD", "CCC"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.decimals(min_value=Decimal("1E-30"), max_value=Decimal("1E+30"), allow_nan=False,
+                   allow_infinity=False, places=None))
+def test_a_decimal_prints_as_the_same_value_as_an_exact_fraction(value: Decimal) -> None:
+    # A history day's direct row (Decimal) and a path's exact rate (Fraction) of one value
+    # must be one JSON number: the Decimal shortcut in plain() rounds as the division does.
+    assert plain(value) == plain(Fraction(value))
+    assert rounded(value) == rounded(Fraction(value))
