@@ -1896,8 +1896,10 @@ class Bench:
         The API instances share one core, so each instance's answers also wait while the
         scheduler runs the other one (which applies the same rows). So every other round runs
         with every instance but the first moved to the load core, beside PostgreSQL and this
-        driver: each instance on a core of its own, where a stall is the instance's own. The
-        propagation figures are those of the shared-core rounds."""
+        driver: the first then has the API core to itself, and its stall is its own event
+        loop's. The moved instances' stall is reported beside it: it includes waiting for
+        PostgreSQL and this driver (which decodes the same notifications) on their shared core.
+        The propagation figures are those of the shared-core rounds."""
         import asyncpg
 
         import model
@@ -1906,7 +1908,7 @@ class Bench:
         spread = self.pinning.enabled and len(apis) > 1
         self.say(f"bulk: {config.repeats} x {config.bulk_rounds} rounds of {config.bulk_rows} "
                  f"rates in one transaction, on {len(apis)} instances"
-                 + (", alternately sharing a core and each on a core of its own" if spread else ""))
+                 + (", alternately sharing a core and the first alone on it" if spread else ""))
         conn = await asyncpg.connect(self.url)
         watch = StreamWatch()
         listener = await asyncpg.connect(self.url)
@@ -1924,14 +1926,16 @@ class Bench:
                     else:
                         shared.append(await self._bulk_round(conn, watch, apis, versions, serial))
                 result = bulk_summary(shared)
-                if own:
-                    result["spread_stall_max_ms"] = max(r["stall_s"] for r in own) * 1000
+                if own:  # the first instance alone on the API core; the others on the load core
+                    result["spread_stall_max_ms"] = max(r["stalls_s"][0] for r in own) * 1000
+                    result["load_core_stall_max_ms"] = max(max(r["stalls_s"][1:]) for r in own) * 1000
                 runs.append(result)
                 self.say(f"  run {run + 1}: p50/p99 {result['p50_ms']:.1f}/{result['p99_ms']:.1f} ms "
                          f"to all instances, longest stall {result['stall_max_ms']:.2f} ms "
                          f"(write itself {result['write_p50_ms']:.1f} ms)"
-                         + (f"; each on its own core: longest stall {result['spread_stall_max_ms']:.2f} ms"
-                            if own else ""))
+                         + (f"; alone on the API core: longest stall "
+                            f"{result['spread_stall_max_ms']:.2f} ms (moved beside PostgreSQL: "
+                            f"{result['load_core_stall_max_ms']:.2f} ms)" if own else ""))
         finally:
             await conn.close()
             await listener.close()
@@ -1941,6 +1945,7 @@ class Bench:
                    "write_p50_ms": median_of(runs, "write_p50_ms")}
         if spread:
             summary["spread_stall_max_ms"] = median_of(runs, "spread_stall_max_ms")
+            summary["load_core_stall_max_ms"] = median_of(runs, "load_core_stall_max_ms")
         return summary
 
     async def _spread_round(self, conn: Any, watch: StreamWatch, apis: Sequence[Api],
@@ -1997,13 +2002,14 @@ class Bench:
         latency = max(seen) - t_commit
         # Only answers due after the commit count: before it, the other core was busy with
         # PostgreSQL's write, which is not the instance's stall.
-        stall = max(probe.stall_after(t_commit_wall) for probe in probes)
+        stalls = [probe.stall_after(t_commit_wall) for probe in probes]  # in the order of apis
         if not all(probe.kernel_timestamps for probe in probes):
             self.kernel_timestamps = False
         late = not await self._verify_bulk(conn, apis, versions)
         if late:  # the last row was not the last applied: fall back to the verified time
             latency = time.perf_counter() - t_commit
-        return {"latency_s": latency, "stall_s": stall, "write_s": t_commit - t_write, "late": late}
+        return {"latency_s": latency, "stall_s": max(stalls), "stalls_s": stalls,
+                "write_s": t_commit - t_write, "late": late}
 
     async def _verify_bulk(self, conn: Any, apis: Sequence[Api], versions: dict[str, int]) -> bool:
         """Every instance serves exactly the database's version of every bulk key (waits <= 5 s).
@@ -2189,8 +2195,11 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      "" if spread is not None else TARGETS["bulk_stall_ms"],
                      "" if spread is not None else verdict(bulk["stall_max_ms"] <= 5)))
         if spread is not None:
-            rows.append(("bulk: longest event-loop stall, each instance on a core of its own",
+            rows.append(("bulk: longest event-loop stall of an instance alone on the API core "
+                         "(the other moved to the load core)",
                          f"{spread:.2f} ms", "", TARGETS["bulk_stall_ms"], verdict(spread <= 5)))
+            rows.append(("bulk: longest stall of the instance moved beside PostgreSQL and the "
+                         "driver meanwhile", f"{bulk['load_core_stall_max_ms']:.2f} ms", "", "", ""))
     if ryw := results.get("ryw"):
         outcomes = ryw["outcomes"]
         total = max(1, sum(outcomes.values()))
