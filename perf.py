@@ -598,6 +598,14 @@ def bulk_summary(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "late_verifications": sum(r["late"] for r in rounds)}
 
 
+def spread_stalls_ms(rounds: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The rounds with every instance but the first moved to the load core: the longest stall
+    of the first (alone on the API core: the target's figure) and of the moved ones (beside
+    PostgreSQL and the driver), in ms. ``stalls_s`` is per instance, in the order of apis."""
+    return {"spread_stall_max_ms": max(r["stalls_s"][0] for r in rounds) * 1000,
+            "load_core_stall_max_ms": max(max(r["stalls_s"][1:]) for r in rounds) * 1000}
+
+
 def _cpu_list(cpus: Iterable[int]) -> str:
     return ",".join(str(c) for c in cpus)
 
@@ -1926,9 +1934,8 @@ class Bench:
                     else:
                         shared.append(await self._bulk_round(conn, watch, apis, versions, serial))
                 result = bulk_summary(shared)
-                if own:  # the first instance alone on the API core; the others on the load core
-                    result["spread_stall_max_ms"] = max(r["stalls_s"][0] for r in own) * 1000
-                    result["load_core_stall_max_ms"] = max(max(r["stalls_s"][1:]) for r in own) * 1000
+                if own:
+                    result.update(spread_stalls_ms(own))
                 runs.append(result)
                 self.say(f"  run {run + 1}: p50/p99 {result['p50_ms']:.1f}/{result['p99_ms']:.1f} ms "
                          f"to all instances, longest stall {result['stall_max_ms']:.2f} ms "
