@@ -392,7 +392,9 @@ class RateCache:
         floor = self._floors.pop(key, None)
         if floor is not None and floor[0] > version:
             version = floor[0]
-        self._floors[key] = (version, barrier)  # re-inserted last: insertion = barrier order
+        # Re-inserted last: insertion = barrier order. Untracked: a warm refill makes one per
+        # row, and the first collection after it walked them all (~5 ms for 65,536).
+        self._floors[key] = untracked((version, barrier))
         return version
 
     @property

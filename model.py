@@ -151,9 +151,14 @@ SELECT_PATH_ROWS_BETWEEN = (
     "OR (base = ANY($2::text[]) AND quote = ANY($1::text[]))")
 # The warm refill's one statement: the most recently changed rows the cache can hold.
 SELECT_REFILL = f"SELECT {_RATE_COLUMNS} FROM rate ORDER BY updated_at DESC LIMIT $1"
-# Rows offered per loop iteration (about 6 ms of building rates on the benchmark machine):
+# The refill reads its statement's answer through a cursor, this many rows per round trip:
+# read whole, 65,536 rows arrived within one event-loop iteration (libuv reads a readable
+# socket up to 32 times before it returns to the loop) and were decoded there, a 50-90 ms
+# stall of every request (`perf.py bench --only refill`).
+REFILL_BATCH = 2000
+# Rows offered per loop iteration (about 3 ms of building rates on the benchmark machine):
 # the listener and requests run in between.
-REFILL_SLICE = 200
+REFILL_SLICE = 100
 # Entries of a flushed cache freed per event-loop iteration (~0.6 ms a thousand here).
 SHED_SLICE = 1000
 # Per source ($1, in that order): the newest finished run where it had no error (its time and
@@ -601,13 +606,12 @@ class Store:
     async def _refill(self, token: RefillToken) -> int:
         cache = self.cache
         try:
-            records: list[Any] = await self._fetch(SELECT_REFILL, cache.max_size)
+            records = await self._retried(functools.partial(_refill_records, limit=cache.max_size))
             whole = len(records) < cache.max_size  # the table fits: the cache can be complete
             stored = 0
             for start in range(0, len(records), REFILL_SLICE):
                 chunk = records[start:start + REFILL_SLICE]
-                # Each slice's records die with it (the list itself is shared with asyncpg
-                # for a while): freeing 65,536 at once took 10-13 ms here.
+                # Each slice's records die with it: freeing 65,536 at once took 10-13 ms.
                 records[start:start + REFILL_SLICE] = [None] * len(chunk)
                 rows = [(r["base"] + r["quote"], r["version"], rate_from_record(r))
                         for r in chunk]
@@ -1214,6 +1218,17 @@ async def insert_backfill_run(conn: asyncpg.Connection, runner: str,
 async def has_history(conn: asyncpg.Connection, source: str) -> bool:
     """Whether ``source`` has any history yet (admin.py up: the demo backfill runs once)."""
     return await conn.fetchval(HAS_HISTORY, source)
+
+
+async def _refill_records(conn: asyncpg.Connection, *, limit: int) -> list[Any]:
+    """SELECT_REFILL's rows, REFILL_BATCH per round trip: one statement (one snapshot),
+    the event loop free between the batches."""
+    records: list[Any] = []
+    async with conn.transaction(readonly=True):  # a cursor lives in a transaction
+        cursor = await conn.cursor(SELECT_REFILL, limit)
+        while batch := await cursor.fetch(REFILL_BATCH):
+            records += batch
+    return records
 
 
 async def _path_records(conn: asyncpg.Connection, *, src: str, dst: str,
