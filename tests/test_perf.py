@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +193,30 @@ def test_propagation_summary_takes_the_median_of_each_figure_over_runs() -> None
     assert summary["first_poll_fraction"] == 0.8
     assert summary["p99_vs_floor_p99"] == pytest.approx(5.0)
     assert summary["runs"] == runs
+
+
+def test_the_wrk_ratios_are_the_median_of_each_rounds_own_ratio_with_quartiles() -> None:
+    """A round's kinds run seconds apart: the machine drifting between rounds (the hit rounds
+    fast, the read-through ones slow) must not make a ratio of medians from different rounds."""
+    def kind(rps: float) -> dict[str, float]:
+        return {"rps": rps, "p50_ms": 1000 / rps, "p99_ms": 4000 / rps, "max_ms": 9000 / rps}
+
+    runs = []
+    for i, ratio in enumerate([2.0, 2.5, 2.6, 2.7, 2.8, 2.9, 3.0, 3.1, 3.2]):
+        speed = 1.0 + 0.2 * ((i * 5) % 9)  # each round on a differently fast machine
+        hit = 9000 * speed
+        runs.append({"ceiling": kind(hit / 0.9), "hit": kind(hit),
+                     "read_through": kind(hit / ratio), "hit_vs_ceiling": 0.9,
+                     "hit_vs_read_through": ratio})
+    summary = perf.wrk_summary(runs)
+    assert summary["hit_vs_read_through"] == 2.8
+    assert summary["hit_vs_read_through_quartiles"] == (2.6, 3.0)
+    assert summary["hit_vs_ceiling"] == pytest.approx(0.9)
+    assert summary["hit"]["rps"] == statistics.median(run["hit"]["rps"] for run in runs)
+    rows = {row[0]: row for row in perf.build_rows({"wrk": {**summary, "errors": 0}})}
+    read_through = rows["read-through GET (`XRATES_CACHE_SIZE=0`), wrk"]
+    assert "hit is 2.80x (middle half of 9 rounds: 2.60-3.00)" == read_through[2]
+    assert read_through[4] == "NO"
 
 
 # --------------------------------------------------------------------------- CLI
