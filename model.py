@@ -151,16 +151,19 @@ SELECT_PATH_ROWS_BETWEEN = (
     "OR (base = ANY($2::text[]) AND quote = ANY($1::text[]))")
 # The warm refill's one statement: the most recently changed rows the cache can hold.
 SELECT_REFILL = f"SELECT {_RATE_COLUMNS} FROM rate ORDER BY updated_at DESC LIMIT $1"
-# The refill reads its statement's answer through a cursor, this many rows per round trip:
-# read whole, 65,536 rows arrived within one event-loop iteration (libuv reads a readable
-# socket up to 32 times before it returns to the loop) and were decoded there, a 50-90 ms
-# stall of every request (`perf.py bench --only refill`).
-REFILL_BATCH = 2000
+# A big answer (the refill's, an unfiltered list's) is read through a cursor, this many rows
+# per round trip: read whole, 65,536 rows arrived within one event-loop iteration (libuv reads
+# a readable socket up to 32 times before it returns to the loop) and were decoded there, a
+# 50-90 ms stall of every request (`perf.py bench --only refill`).
+READ_BATCH = 2000
 # Rows offered per loop iteration (about 3 ms of building rates on the benchmark machine):
 # the listener and requests run in between.
 REFILL_SLICE = 100
 # Entries of a flushed cache freed per event-loop iteration (~0.6 ms a thousand here).
 SHED_SLICE = 1000
+# Rates of a list read from the database built per event-loop iteration (~3 ms here): built
+# at once, an unfiltered list of the benchmark's 66,536 rows stopped the worker for 546 ms.
+LIST_SLICE = 500
 # Per source ($1, in that order): the newest finished run where it had no error (its time and
 # the currencies it quoted), the newest where it failed (time and error text), and when the
 # leader's next scheduled run is due, only while some session holds the leader lock ($2).
@@ -606,7 +609,7 @@ class Store:
     async def _refill(self, token: RefillToken) -> int:
         cache = self.cache
         try:
-            records = await self._retried(functools.partial(_refill_records, limit=cache.max_size))
+            records = await self._fetch_in_batches(SELECT_REFILL, cache.max_size)
             whole = len(records) < cache.max_size  # the table fits: the cache can be complete
             stored = 0
             for start in range(0, len(records), REFILL_SLICE):
@@ -688,6 +691,20 @@ class Store:
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return await self._call("fetch", sql, *args)
 
+    async def _fetch_in_batches(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """``_fetch`` for a big answer: READ_BATCH rows per round trip, in one read-only
+        transaction (one statement, one snapshot), the event loop free between the batches.
+        Two round trips more than ``_fetch`` (BEGIN, COMMIT): for big answers only."""
+        async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            records: list[asyncpg.Record] = []
+            async with conn.transaction(readonly=True):  # a cursor lives in a transaction
+                cursor = await conn.cursor(sql, *args)
+                while batch := await cursor.fetch(READ_BATCH):
+                    records += batch
+            return records
+
+        return await self._retried(read)
+
     async def _execute(self, sql: str, *args: Any) -> str:
         return await self._call("execute", sql, *args)
 
@@ -762,7 +779,10 @@ class Store:
             self.view_outcomes["memory"] += 1
             return rates
         self.view_outcomes["database"] += 1
-        return [rate_from_record(r) for r in await self._fetch(SELECT_RATES, base, quote)]
+        if base is not None or quote is not None:
+            return await rates_in_slices(await self._fetch(SELECT_RATES, base, quote))
+        with cyclic_gc_paused():  # a full collection walked the 66,536 Records: 34 ms
+            return await rates_in_slices(await self._fetch_in_batches(SELECT_RATES, None, None))
 
     # -- writes (each applied to this instance's cache as it returns: read your own writes) --
     async def create_rate(self, base: str, quote: str, rate: Decimal, source: str,
@@ -1220,15 +1240,15 @@ async def has_history(conn: asyncpg.Connection, source: str) -> bool:
     return await conn.fetchval(HAS_HISTORY, source)
 
 
-async def _refill_records(conn: asyncpg.Connection, *, limit: int) -> list[Any]:
-    """SELECT_REFILL's rows, REFILL_BATCH per round trip: one statement (one snapshot),
-    the event loop free between the batches."""
-    records: list[Any] = []
-    async with conn.transaction(readonly=True):  # a cursor lives in a transaction
-        cursor = await conn.cursor(SELECT_REFILL, limit)
-        while batch := await cursor.fetch(REFILL_BATCH):
-            records += batch
-    return records
+async def rates_in_slices(records: list[asyncpg.Record]) -> list[Rate]:
+    """The records' rates, LIST_SLICE per event-loop iteration (other requests and the
+    listener run in between; the rows are still one statement's snapshot)."""
+    rates: list[Rate] = []
+    for start in range(0, len(records), LIST_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        rates += [rate_from_record(r) for r in records[start:start + LIST_SLICE]]
+    return rates
 
 
 async def _path_records(conn: asyncpg.Connection, *, src: str, dst: str,

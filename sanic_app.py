@@ -449,8 +449,18 @@ async def rates_list(request: Request) -> HTTPResponse:
     base = parse_code(base, "base") if base is not None else None
     quote = parse_code(quote, "quote") if quote is not None else None
     rates = await store_of(request).list_rates(base, quote)
-    body = b'{"rates":[' + b",".join(r.body for r in rates) + b'],"count":%d}' % len(rates)
-    return content_response(request, body, fixed=False)  # each body has its version
+    return content_response(request, list_body(rates), fixed=False)  # each body has its version
+
+
+def list_body(rates: list[model.Rate]) -> bytes:
+    """``{"rates":[...],"count":n}`` in one allocation: a second copy of an 11 MB list (the
+    benchmark's table) cost ~20 ms of page faults."""
+    if not rates:
+        return b'{"rates":[],"count":0}'
+    bodies = [r.body for r in rates]
+    bodies[0] = b'{"rates":[' + bodies[0]
+    bodies[-1] += b'],"count":%d}' % len(rates)
+    return b",".join(bodies)
 
 
 @bp.post("/v1/rates", name="rate_create")
