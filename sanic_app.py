@@ -448,8 +448,29 @@ async def rates_list(request: Request) -> HTTPResponse:
     base, quote = query_arg(request, "base"), query_arg(request, "quote")
     base = parse_code(base, "base") if base is not None else None
     quote = parse_code(quote, "quote") if quote is not None else None
-    rates = await store_of(request).list_rates(base, quote)
+    store = store_of(request)
+    if base is None and quote is None:
+        return await all_rates_list(request, store)
+    rates = await store.list_rates(base, quote)
     return content_response(request, list_body(rates), fixed=False)  # each body has its version
+
+
+async def all_rates_list(request: Request, store: model.Store) -> HTTPResponse:
+    """The unfiltered list: its answer is remembered for the cache generation it was made
+    at (a poll of an unchanged cache neither joins nor hashes it again)."""
+    memoised = store.views.all_answer()
+    if memoised is not None:
+        store.view_outcomes["memory"] += 1
+        return content_answer(request, *memoised, fixed=False)
+    cache = store.cache
+    generation, from_memory = cache.generation, cache.complete
+    rates = await store.list_rates(None, None)
+    body = list_body(rates)
+    digest = hashlib.blake2b(body, digest_size=12)
+    etag = '"' + digest.hexdigest() + '"'
+    if from_memory:  # remember_all keeps it only if that generation still lasts
+        store.views.remember_all(generation, body, etag)
+    return content_answer(request, body, etag, fixed=False)
 
 
 def list_body(rates: list[model.Rate]) -> bytes:

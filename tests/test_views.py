@@ -60,10 +60,16 @@ def test_views_answer_as_the_whole_table_would(changes, src, dst, base, quote) -
             table.pop(b + q, None)
         else:
             table[b + q] = a_rate(b, q, rate, source, version)
+        # the unfiltered list's answer, remembered at the generation before this change
+        listed = memory.rates(None, None)
+        assert listed is not None
+        memory.remember_all(cache.generation, b",".join(r.body for r in listed), "etag")
         cache.apply(b + q, version, table.get(b + q))
         memory.path(src, dst)  # memoised at this generation; must not outlive it
         memory.rates(None, None)
     assert cache.complete
+    remembered = memory.all_answer()  # never an answer from before a change
+    assert remembered is None or remembered[0] == b",".join(table[k].body for k in sorted(table))
     expected = [table[k] for k in sorted(table)
                 if (base is None or k[:3] == base) and (quote is None or k[3:] == quote)]
     assert memory.rates(base, quote) == expected
@@ -86,6 +92,8 @@ def test_an_incomplete_cache_answers_nothing_from_memory() -> None:
     memory = views.MemoryViews(cache, convert.Priority(SOURCES), model.rate_source)
     cache.apply("EURUSD", 1, a_rate("EUR", "USD", "1.1", "ecb", 1))
     assert memory.rates(None, None) is None and memory.path("EUR", "USD") is None
+    memory.remember_all(cache.generation, b"[]", "etag")
+    assert memory.all_answer() is None
 
 
 # --------------------------------------------------------------------------- over HTTP
