@@ -466,8 +466,7 @@ async def all_rates_list(request: Request, store: model.Store) -> HTTPResponse:
     generation, from_memory = cache.generation, cache.complete
     rates = await store.list_rates(None, None)
     body = list_body(rates)
-    digest = hashlib.blake2b(body, digest_size=12)
-    etag = '"' + digest.hexdigest() + '"'
+    etag = content_etag(body)
     if from_memory:  # remember_all keeps it only if that generation still lasts
         store.views.remember_all(generation, body, etag)
     return content_answer(request, body, etag, fixed=False)
@@ -560,8 +559,7 @@ async def convert(request: Request) -> HTTPResponse:
     result = rate if amount == 1 else Fraction(amount) * rate
     body = (_convert_body(src, dst, amount, rate, result, answer.path.via) + "}").encode()
     # The ETag covers the versions of the rows on the path, not only the rounded numbers.
-    digest = hashlib.blake2b(body + repr(answer.versions).encode(), digest_size=12)
-    etag = '"' + digest.hexdigest() + '"'
+    etag = content_etag(body + repr(answer.versions).encode())
     store.views.remember(request.query_string, answer, body, etag)
     return content_answer(request, body, etag, fixed=False)
 
@@ -916,8 +914,13 @@ def content_response(request: Request, body: bytes, fixed: bool,
                      ) -> HTTPResponse:
     """200 (or 304 on a matching If-None-Match) with a content ETag (of ``etag_of``, by
     default the body) and the §8 caching."""
-    digest = hashlib.blake2b(body if etag_of is None else etag_of, digest_size=12)
-    return content_answer(request, body, '"' + digest.hexdigest() + '"', fixed, content_type)
+    return content_answer(request, body, content_etag(body if etag_of is None else etag_of),
+                          fixed, content_type)
+
+
+def content_etag(data: bytes) -> str:
+    """A strong ETag naming ``data`` (a content hash)."""
+    return '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
 
 
 # Content answers are reads with constant header lines but their ETag: pre-encoded, as hits.
@@ -1192,7 +1195,7 @@ async def fk_latest(request: Request) -> HTTPResponse:
     if days.newest is None:
         raise frankfurter.FrankfurterError(404, frankfurter.NOT_FOUND)
     body = frankfurter.encode(frankfurter.latest(days.history, fk.pivot, query, days.today))
-    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    etag = content_etag(body)
     days.remember(request.query_string, body, etag)  # made once per query and copy
     return content_answer(request, body, etag, False, FK_TYPE)
 
