@@ -790,7 +790,7 @@ async def stream_route(request: Request) -> HTTPResponse | None:
         else:
             rates = await store.list_rates(base, None)
         sub.set_snapshot({r.base + r.quote: r.version for r in rates})
-        snapshot = b'{"rates":[' + b",".join(r.body for r in rates) + b'],"count":%d}' % len(rates)
+        snapshot = list_body(rates)  # the GET /v1/rates body for the selection (§12)
         response = await request.respond(content_type="text/event-stream; charset=utf-8",
                                          headers=STREAM_HEADERS)
         # retry: in the snapshot's own block (a block without data is no event for browsers,
